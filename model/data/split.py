@@ -19,11 +19,13 @@ class UserSplit:
 def split_users(
     data: InteractionData, seed: int = 0, train_fraction: float = 0.8, validation_fraction: float = 0.1
 ) -> UserSplit:
-    """sorted unique user ids, shuffled by default_rng(seed); first 80% train, next 10% validation, rest test."""
+    """Sorted unique user ids shuffled by default_rng(seed): first 80% train, next 10% validation, rest test.
+
+    Boundaries are rounded, not truncated: with 2,999 users truncation gives 2399/299/301, while the
+    reference figures in DESIGN.md (test points per group) come from 2399/300/300.
+    """
     users = np.unique(data.interactions["user_id"].to_numpy(np.int64))
     np.random.default_rng(seed).shuffle(users)
-    # Boundaries are rounded, not truncated: with 2,999 users truncation gives 2399/299/301, while the
-    # reference figures in DESIGN.md (test points per group) come from 2399/300/300.
     train_end = round(len(users) * train_fraction)
     validation_end = round(len(users) * (train_fraction + validation_fraction))
     return UserSplit(

@@ -1,0 +1,220 @@
+"""Evaluation reports: a markdown table, the cold-start curve, per-group bars, and report.json.
+
+Everything takes ``dict[model_name, EvaluationResult]`` so that one call compares every model run on
+the same points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are written by batch jobs and CI, never shown
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from model.evaluation.protocol import GROUP_NAMES, EvaluationResult, group_of  # noqa: E402
+
+HEADLINE_METRICS: tuple[str, ...] = ("recall@50", "ndcg@50")
+CURVE_FILE = "cold_start_curve.png"
+BARS_FILE = "group_bars.png"
+GROUP_COLOURS = {"cold_start": "#dbe9f6", "warm_up": "#fdebd3", "active": "#e2f2df"}
+
+
+def _short(metric: str) -> str:
+    """ "recall@50" -> "R@50", for compact column headers."""
+    name, _, k = metric.partition("@")
+    short = {"recall": "R", "ndcg": "N", "hr": "HR"}.get(name, name)
+    return f"{short}@{k}" if k else short
+
+
+def _value(result: EvaluationResult, group: str, metric: str) -> float:
+    return result.groups.get(group, {}).get(metric, math.nan)
+
+
+def _group_header(results: Mapping[str, EvaluationResult], group: str) -> str:
+    counts = sorted({r.points.get(group, 0) for r in results.values()})
+    return f"{group} ({'/'.join(str(c) for c in counts)})"
+
+
+def markdown_table(
+    results: Mapping[str, EvaluationResult],
+    metrics: Sequence[str] = HEADLINE_METRICS,
+    groups: Sequence[str] = GROUP_NAMES,
+) -> str:
+    """One row per model, one column per group x metric; the best value of each column in bold."""
+    columns = [(g, m) for g in groups for m in metrics]
+    header = ["model"] + [f"{_group_header(results, g)} {_short(m)}" for g, m in columns]
+    best = {
+        col: max(
+            (round(_value(r, *col), 4) for r in results.values() if not math.isnan(_value(r, *col))),
+            default=math.nan,
+        )
+        for col in columns
+    }
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, result in results.items():
+        cells = [name]
+        for col in columns:
+            value = _value(result, *col)
+            text = "–" if math.isnan(value) else f"{value:.4f}"
+            # Compared at the printed precision, so that visibly equal values are bold together.
+            if not math.isnan(value) and round(value, 4) == best[col]:
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def curve_table(results: Mapping[str, EvaluationResult], metric: str = "recall@50") -> str:
+    """The cold-start curve as a markdown table: one row per model, one column per history length."""
+    hs = sorted({h for r in results.values() for h in r.curve})
+    lines = ["| model | " + " | ".join(f"h={h}" for h in hs) + " |", "|" + "---|" * (len(hs) + 1)]
+    for name, result in results.items():
+        cells = [f"{result.curve[h][metric]:.4f}" if h in result.curve else "–" for h in hs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _shade_groups(ax: Any, hs: Sequence[int]) -> None:
+    """Background bands behind the history lengths of each group, so the curve reads against them."""
+    for group, colour in GROUP_COLOURS.items():
+        positions = [i for i, h in enumerate(hs) if group_of(h) == group]
+        if positions:
+            ax.axvspan(min(positions) - 0.5, max(positions) + 0.5, color=colour, zorder=0)
+            ax.text(
+                (min(positions) + max(positions)) / 2,
+                1.0,
+                group,
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=9,
+                color="0.35",
+            )
+
+
+def plot_cold_start_curve(
+    results: Mapping[str, EvaluationResult], path: str | Path, metric: str = "recall@50"
+) -> Path:
+    """Metric against history length h, one line per model; h on a categorical axis (0 .. 100)."""
+    hs = sorted({h for r in results.values() for h in r.curve})
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+    _shade_groups(ax, hs)
+    for name, result in results.items():
+        xs = [i for i, h in enumerate(hs) if h in result.curve]
+        ys = [result.curve[hs[i]][metric] for i in xs]
+        ax.plot(xs, ys, marker="o", linewidth=1.8, markersize=4, label=name, zorder=3)
+    ax.set_xticks(range(len(hs)), [str(h) for h in hs])
+    ax.set_xlim(-0.5, len(hs) - 0.5)
+    ax.set_xlabel("history length h (interactions before the request)")
+    ax.set_ylabel(metric)
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.4, zorder=1)
+    ax.legend(loc="best", fontsize=9, framealpha=0.9)
+    ax.set_title(f"Cold-start curve: {metric} by history length", pad=18)
+    return _save(fig, path)
+
+
+def plot_group_bars(
+    results: Mapping[str, EvaluationResult],
+    path: str | Path,
+    metric: str = "recall@50",
+    groups: Sequence[str] = GROUP_NAMES,
+) -> Path:
+    """Grouped bars: one cluster per user group, one bar per model, value printed on each bar."""
+    names = list(results)
+    width = 0.8 / max(len(names), 1)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 + 0.45 * len(names) * len(groups)), 4.8), dpi=120)
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
+        ys = [_value(results[name], g, metric) for g in groups]
+        bars = ax.bar(xs, [0.0 if math.isnan(y) else y for y in ys], width * 0.95, label=name, zorder=3)
+        labels = ["–" if math.isnan(y) else f"{y:.3f}" for y in ys]
+        ax.bar_label(bars, labels=labels, fontsize=7, padding=2, rotation=90 if len(names) > 3 else 0)
+    ax.set_xticks(range(len(groups)), [_group_header(results, g) for g in groups])
+    ax.set_ylabel(metric)
+    ax.margins(y=0.18)
+    ax.grid(axis="y", alpha=0.4, zorder=0)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
+    ax.set_title(f"{metric} per user group (points per group in brackets)")
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    """Makes ``extra`` JSON-safe: numpy scalars/arrays, paths and non-finite floats."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_report(
+    results: Mapping[str, EvaluationResult],
+    out_dir: str | Path,
+    dataset_name: str,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Writes report.json, report.md, cold_start_curve.png and group_bars.png; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = dict(extra or {})
+    paths = {
+        "json": out / "report.json",
+        "markdown": out / "report.md",
+        "curve": plot_cold_start_curve(results, out / CURVE_FILE),
+        "bars": plot_group_bars(results, out / BARS_FILE),
+    }
+    payload = {
+        "dataset": dataset_name,
+        "extra": _jsonable(extra),
+        "results": {name: _jsonable(r.to_dict()) for name, r in results.items()},
+    }
+    paths["json"].write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    paths["markdown"].write_text(_markdown_report(results, dataset_name, extra))
+    return paths
+
+
+def _markdown_report(
+    results: Mapping[str, EvaluationResult], dataset_name: str, extra: Mapping[str, Any]
+) -> str:
+    ks = sorted({int(m.partition("@")[2]) for r in results.values() for g in r.groups.values() for m in g})
+    parts = [
+        f"# Evaluation report: {dataset_name}\n",
+        "Groups: cold_start h ≤ 5, warm_up 10 ≤ h ≤ 30, active h ≥ 50; points per group in brackets.\n",
+        "## Headline (Recall@50 / NDCG@50)\n",
+        markdown_table(results, HEADLINE_METRICS),
+    ]
+    for k in ks:
+        if k != 50:
+            parts += [f"## At K = {k}\n", markdown_table(results, (f"recall@{k}", f"ndcg@{k}", f"hr@{k}"))]
+    parts += [
+        "## Cold-start curve (Recall@50 by history length)\n",
+        curve_table(results),
+        f"![cold-start curve]({CURVE_FILE})\n",
+        f"![group bars]({BARS_FILE})\n",
+    ]
+    if extra:
+        parts += ["## Run details\n", "```json\n" + json.dumps(_jsonable(extra), indent=2) + "\n```\n"]
+    return "\n".join(parts)
