@@ -1,0 +1,256 @@
+"""The ``coldwarm`` command line: one subcommand per step of the offline job, and ``run`` for all of them.
+
+Every option falls back to the settings (``COLDWARM_`` environment variables, see model/settings.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from model.artifacts import data_fingerprint
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.data.fetch import FetchError, fetch_movielens_1m
+from model.data.loading import load_dataset
+from model.data.schema import DataFormatError, InteractionData
+from model.data.split import split_users
+from model.evaluation.report import markdown_table, write_report
+from model.experiments import ALL_MODELS, PRIMARY_MODEL, ExperimentOutcome, check_model_names, run_experiments
+from model.export import export_model
+from model.features import FeatureEncoder
+from model.settings import Settings
+from model.train import TrainedModel, TrainingContext, fit_cold_warm_net, set_torch_threads
+
+app = typer.Typer(
+    help="Cold & Warm Net: train, evaluate and export a cold-start-aware retrieval model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Get and inspect data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+log = logging.getLogger("coldwarm")
+
+DEFAULT_RUN_DIR = Path("runs/latest")
+CHECKPOINT_FILE = "checkpoint.pt"
+QUICK_MODELS = (PRIMARY_MODEL, "most_popular", "segment_popular", "ease")
+
+DataOption = Annotated[
+    str | None,
+    typer.Option(
+        help="synthetic[:N_USERS], a MovieLens-1M directory, or a CSV/"
+        "Parquet interactions file [env COLDWARM_DATA]"
+    ),
+]
+UsersOption = Annotated[Path | None, typer.Option(help="user table for a CSV/Parquet interactions file")]
+ItemsOption = Annotated[Path | None, typer.Option(help="item table for a CSV/Parquet interactions file")]
+RunDirOption = Annotated[Path, typer.Option(help="where train writes its checkpoint, evaluate its report")]
+EpochsOption = Annotated[int | None, typer.Option(help="training epochs [env COLDWARM_TRAIN__EPOCHS]")]
+ModelsOption = Annotated[str, typer.Option(help=f"comma-separated, or 'all': {', '.join(ALL_MODELS)}")]
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+
+
+def fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+def make_settings(data: str | None, epochs: int | None, artifacts_dir: Path | None = None) -> Settings:
+    settings = Settings()
+    updates: dict = {}
+    if data is not None:
+        updates["data"] = data
+    if artifacts_dir is not None:
+        updates["artifacts_dir"] = artifacts_dir
+    if epochs is not None:
+        updates["train"] = settings.train.model_copy(update={"epochs": epochs})
+    settings = settings.model_copy(update=updates)
+    set_torch_threads(settings.train)
+    return settings
+
+
+def load_data(settings: Settings, users: Path | None, items: Path | None) -> InteractionData:
+    try:
+        data = load_dataset(settings.data, users, items)
+    except (DataFormatError, FileNotFoundError) as error:
+        raise fail(str(error)) from error
+    log.info(
+        "loaded %s: %d interactions, %d users, %d items",
+        data.name,
+        len(data.interactions),
+        len(data.users),
+        len(data.catalog_item_ids()),
+    )
+    return data
+
+
+def build_context(data: InteractionData, settings: Settings) -> TrainingContext:
+    split = split_users(data)
+    log.info(
+        "user split: %d train, %d validation, %d test",
+        len(split.train),
+        len(split.validation),
+        len(split.test),
+    )
+    encoder = FeatureEncoder.fit(data, split.train, settings.features)
+    return TrainingContext.build(data, split, encoder)
+
+
+def parse_models(models: str) -> list[str]:
+    names = (
+        list(ALL_MODELS) if models.strip() == "all" else [m.strip() for m in models.split(",") if m.strip()]
+    )
+    try:
+        return check_model_names(names)
+    except ValueError as error:
+        raise fail(str(error)) from error
+
+
+def write_evaluation(
+    outcome: ExperimentOutcome, data: InteractionData, out_dir: Path, seconds: float
+) -> None:
+    extra = {
+        **outcome.details,
+        "wall_seconds": round(seconds, 1),
+        "training": {
+            name: {"epochs": t.epochs, "seconds": round(t.seconds, 1)} for name, t in outcome.trained.items()
+        },
+    }
+    paths = write_report(outcome.results, out_dir, data.name, extra)
+    console.print(markdown_table(outcome.results))
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+
+
+@data_app.command("fetch")
+def data_fetch(
+    dataset: Annotated[str, typer.Argument(help="the data set to fetch: movielens-1m")],
+    path: Annotated[
+        Path | None, typer.Option(help="use this local ml-1m.zip or ml-1m directory instead")
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="download cache [env COLDWARM_CACHE_DIR]")] = None,
+) -> None:
+    """Download MovieLens-1M (checksum verified) into the cache, or register a local copy with --path."""
+    setup_logging()
+    if dataset != "movielens-1m":
+        raise fail(f"unknown data set {dataset!r}; available: movielens-1m")
+    try:
+        directory = fetch_movielens_1m(cache_dir or Settings().cache_dir, path)
+    except FetchError as error:
+        raise fail(str(error)) from error
+    console.print(f"MovieLens-1M is in {directory}; train with: coldwarm train --data {directory}")
+
+
+@app.command()
+def train(
+    data: DataOption = None,
+    users: UsersOption = None,
+    items: ItemsOption = None,
+    run_dir: RunDirOption = DEFAULT_RUN_DIR,
+    epochs: EpochsOption = None,
+) -> None:
+    """Train Cold & Warm Net (pre-training → user groups → MI bias features → main loop with DKD),
+    early-stopped on the validation users' cold-start group; writes RUN_DIR/checkpoint.pt."""
+    setup_logging()
+    settings = make_settings(data, epochs)
+    trained = train_primary(build_context(load_data(settings, users, items), settings), settings)
+    log.info("checkpoint: %s", save_checkpoint(trained, run_dir / CHECKPOINT_FILE))
+
+
+def train_primary(context: TrainingContext, settings: Settings) -> TrainedModel:
+    trained = fit_cold_warm_net(context, settings.model, settings.train, PRIMARY_MODEL)
+    log.info("trained %s in %.0fs over %d epochs", trained.name, trained.seconds, len(trained.epochs))
+    return trained
+
+
+@app.command()
+def evaluate(
+    data: DataOption = None,
+    users: UsersOption = None,
+    items: ItemsOption = None,
+    run_dir: RunDirOption = DEFAULT_RUN_DIR,
+    models: ModelsOption = "all",
+    epochs: EpochsOption = None,
+) -> None:
+    """Run the evaluation protocol (shared/DESIGN.md) on the test users for the chosen models; the
+    checkpoint in RUN_DIR stands for cold_warm_net, everything else is trained here. Writes
+    RUN_DIR/report/{report.json, report.md, *.png}."""
+    setup_logging()
+    started = time.perf_counter()
+    settings = make_settings(data, epochs)
+    loaded = load_data(settings, users, items)
+    context = build_context(loaded, settings)
+    trained = {}
+    if (run_dir / CHECKPOINT_FILE).exists():
+        trained[PRIMARY_MODEL] = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    outcome = run_experiments(context, settings, parse_models(models), trained=trained)
+    write_evaluation(outcome, loaded, run_dir / "report", time.perf_counter() - started)
+
+
+@app.command()
+def export(
+    run_dir: RunDirOption = DEFAULT_RUN_DIR,
+    data: DataOption = None,
+    artifacts_dir: Annotated[
+        Path | None, typer.Option(help="artifacts root [env COLDWARM_ARTIFACTS_DIR]")
+    ] = None,
+) -> None:
+    """Export RUN_DIR's model: TorchScript user tower, item embeddings and biases, vocabularies and a
+    manifest, into ARTIFACTS_DIR/<model_version>/, and point ARTIFACTS_DIR/LATEST at it."""
+    setup_logging()
+    settings = make_settings(data, None, artifacts_dir)
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if not checkpoint.exists():
+        raise fail(f"{checkpoint} does not exist; run 'coldwarm train' first")
+    trained = load_checkpoint(checkpoint)
+    loaded = load_data(settings, None, None)
+    report = run_dir / "report" / "report.json"
+    metrics = json.loads(report.read_text())["results"].get(PRIMARY_MODEL, {}) if report.exists() else {}
+    directory = export_model(trained, settings.artifacts_dir, data_fingerprint(loaded), loaded.name, metrics)
+    log.info("exported %s", directory)
+
+
+@app.command()
+def run(
+    data: DataOption = None,
+    users: UsersOption = None,
+    items: ItemsOption = None,
+    run_dir: RunDirOption = DEFAULT_RUN_DIR,
+    models: ModelsOption = ",".join(QUICK_MODELS),
+    epochs: EpochsOption = None,
+    artifacts_dir: Annotated[
+        Path | None, typer.Option(help="artifacts root [env COLDWARM_ARTIFACTS_DIR]")
+    ] = None,
+) -> None:
+    """The whole offline job: load → train → evaluate (against the chosen baselines) → export."""
+    setup_logging()
+    started = time.perf_counter()
+    settings = make_settings(data, epochs, artifacts_dir)
+    loaded = load_data(settings, users, items)
+    context = build_context(loaded, settings)
+    trained = train_primary(context, settings)
+    save_checkpoint(trained, run_dir / CHECKPOINT_FILE)
+    outcome = run_experiments(context, settings, parse_models(models), trained={PRIMARY_MODEL: trained})
+    write_evaluation(outcome, loaded, run_dir / "report", time.perf_counter() - started)
+    metrics = outcome.results[PRIMARY_MODEL].to_dict() if PRIMARY_MODEL in outcome.results else {}
+    directory = export_model(trained, settings.artifacts_dir, data_fingerprint(loaded), loaded.name, metrics)
+    log.info("exported %s in %.0fs in all", directory, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,46 @@
+"""TrainedModel → versioned artifacts (TorchScript user tower, item table, encoder, manifest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.artifacts import ItemTable, write_artifacts
+from model.train import TrainedModel
+
+
+@torch.no_grad()
+def item_table(trained: TrainedModel) -> ItemTable:
+    embeddings, bias = trained.net.all_items()
+    return ItemTable(
+        trained.encoder.catalog_item_ids.copy(),
+        embeddings.numpy().astype(np.float32),
+        bias.numpy().astype(np.float32),
+    )
+
+
+def export_model(
+    trained: TrainedModel,
+    root: Path,
+    data_fingerprint: str,
+    dataset: str,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Writes the artifacts of ``trained`` under ``root``; returns the version directory."""
+    trained.net.eval()
+    manifest = {
+        "model_name": trained.name,
+        "dataset": dataset,
+        "data_fingerprint": data_fingerprint,
+        "scale": float(trained.net.scale.detach()),
+        "feature_config": trained.encoder.config.model_dump(mode="json"),
+        "model_config": trained.model_config.model_dump(mode="json"),
+        "train_config": trained.train_config.model_dump(mode="json"),
+        "bias_features": trained.bias_features.names if trained.bias_features else [],
+        "training": {"epochs": trained.epochs, "seconds": round(trained.seconds, 1)},
+        "metrics": metrics or {},
+    }
+    return write_artifacts(root, trained.net.user_tower, item_table(trained), trained.encoder, manifest)

@@ -1,0 +1,130 @@
+"""Cold & Warm Net: gated two-expert user tower, item tower, scaled cosine plus the bias net.
+
+score(u, i) = s · cos(e_u, e_i) + b_u + b_i, with e_u = w_cold · e_cold + w_warm · e_warm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from model.features import PROFILE_COLUMNS, STATE_COLUMNS, FeatureEncoder
+from model.nn.bias_net import SideBias
+from model.nn.experts import ActionPooling, ColdExpert, WarmExpert
+from model.nn.gate import StateGate
+from model.nn.group_attention import GroupAttention
+from model.nn.items import ItemInputEmbedding, ItemSideInputs, ItemTower
+from model.nn.layers import CategoricalEmbeddings
+from model.nn.two_tower import TwoTowerNet
+from model.settings import ModelConfig
+
+USER_BIAS_CANDIDATES: tuple[str, ...] = (*PROFILE_COLUMNS, *STATE_COLUMNS)
+ITEM_BIAS_BASE_CANDIDATES: tuple[str, ...] = ("item_id", "year", "popularity")
+
+
+def item_bias_candidate_names(encoder: FeatureEncoder) -> list[str]:
+    return [*ITEM_BIAS_BASE_CANDIDATES, *(f"genre={g}" for g in encoder.vocabularies["genre"].values)]
+
+
+def item_bias_candidate_matrix(items: ItemSideInputs) -> torch.Tensor:
+    """(n_items, 3 + G) codes: id, year, popularity and one 0/1 flag per genre (missing column dropped)."""
+    flags = (items.genres[:, 2:] > 0).long()
+    base = torch.stack([items.id_index, items.year, items.popularity], dim=1)
+    return torch.cat([base, flags], dim=1)
+
+
+class UserTower(nn.Module):
+    """(profile, history, state) → (normalised e_u, b_u, gate weights); what the service runs."""
+
+    def __init__(
+        self,
+        encoder: FeatureEncoder,
+        items: ItemSideInputs,
+        config: ModelConfig,
+        user_bias_columns: list[int],
+    ) -> None:
+        super().__init__()
+        dim, hidden, feature = config.embedding_dim, config.hidden_dim, config.feature_dim
+        self.profile = CategoricalEmbeddings(encoder.profile_cardinalities(), feature)
+        self.item_inputs = ItemInputEmbedding(items, dim, len(encoder.vocabularies["item_id"]))
+        self.pooling = ActionPooling(encoder.config.max_history)
+        self.attention = GroupAttention(config.n_user_groups, dim)
+        self.cold = ColdExpert(self.profile.out_dim, dim, hidden, self.attention, config.use_group_attention)
+        self.warm = WarmExpert(
+            self.profile.out_dim, 2 * dim, dim, hidden, self.attention, config.use_group_attention
+        )
+        self.gate = StateGate(
+            encoder.state_cardinalities(), feature, hidden, config.use_cold_expert, config.use_warm_expert
+        )
+        cardinalities = [*encoder.profile_cardinalities(), *encoder.state_cardinalities()]
+        self.user_bias = SideBias(
+            user_bias_columns if config.use_bias_net else [], cardinalities, feature, hidden
+        )
+
+    @torch.jit.export
+    def experts(
+        self, profile: torch.Tensor, history: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """e_u, b_u, gate, and each expert's own normalised embedding (for distillation)."""
+        profile_features = self.profile(profile)
+        e_cold = self.cold(profile_features)
+        e_warm = self.warm(profile_features, self.pooling(self.item_inputs(history), history))
+        gate = self.gate(state)
+        e_u = gate[:, 0:1] * e_cold + gate[:, 1:2] * e_warm
+        bias = self.user_bias(torch.cat([profile, state], dim=1))
+        return F.normalize(e_u, dim=1), bias, gate, F.normalize(e_cold, dim=1), F.normalize(e_warm, dim=1)
+
+    def forward(
+        self, profile: torch.Tensor, history: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        e_u, bias, gate, _, _ = self.experts(profile, history, state)
+        return e_u, bias, gate
+
+
+class ItemScorer(nn.Module):
+    """Normalised e_i and b_i for catalog positions."""
+
+    def __init__(
+        self,
+        encoder: FeatureEncoder,
+        items: ItemSideInputs,
+        config: ModelConfig,
+        item_bias_columns: list[int],
+    ) -> None:
+        super().__init__()
+        self.tower = ItemTower(
+            items,
+            config.embedding_dim,
+            config.feature_dim,
+            config.hidden_dim,
+            len(encoder.vocabularies["item_id"]),
+        )
+        self.register_buffer("bias_candidates", item_bias_candidate_matrix(items))
+        cardinalities = [int(c) + 1 for c in self.bias_candidates.max(dim=0).values.tolist()]
+        self.item_bias = SideBias(
+            item_bias_columns if config.use_bias_net else [],
+            cardinalities,
+            config.feature_dim,
+            config.hidden_dim,
+        )
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.normalize(self.tower(positions), dim=1), self.item_bias(self.bias_candidates[positions])
+
+
+class ColdWarmNet(TwoTowerNet):
+    def __init__(
+        self,
+        encoder: FeatureEncoder,
+        config: ModelConfig,
+        user_bias_columns: list[int] | None = None,
+        item_bias_columns: list[int] | None = None,
+    ) -> None:
+        items = ItemSideInputs(encoder.item_features())
+        super().__init__(items.n_items, config.initial_scale, learn_scale=True)
+        self.config = config
+        self.user_bias_columns = list(user_bias_columns or [])
+        self.item_bias_columns = list(item_bias_columns or [])
+        self.user_tower = UserTower(encoder, items, config, self.user_bias_columns)
+        self.item_scorer = ItemScorer(encoder, items, config, self.item_bias_columns)

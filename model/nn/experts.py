@@ -1,0 +1,70 @@
+"""The two experts of the user tower.
+
+Cold expert: e_up = f(profile); e_cold = MLP([e_up ; attention(e_up)]).
+Warm expert: e_ut = f(profile, actions); e_warm = MLP([e_ut ; attention(e_ut)]).
+With group attention switched off the attention part is zeros, keeping the shapes (ablation).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.nn.group_attention import GroupAttention
+from model.nn.layers import mlp
+
+
+class ActionPooling(nn.Module):
+    """Mean of the history embeddings plus a learnt recency-weighted mean (newest first)."""
+
+    def __init__(self, max_history: int) -> None:
+        super().__init__()
+        self.position_logits = nn.Parameter(torch.linspace(1.0, -1.0, max_history))
+
+    def forward(self, embedded: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        present = history > 0
+        mask = present.to(embedded.dtype).unsqueeze(-1)
+        mean = (embedded * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        logits = self.position_logits[: history.shape[1]].unsqueeze(0).expand(history.shape[0], -1)
+        logits = logits.masked_fill(~present, -1e9)
+        weights = torch.softmax(logits, dim=1) * present.to(embedded.dtype)
+        recent = (weights.unsqueeze(-1) * embedded).sum(dim=1)
+        return torch.cat([mean, recent], dim=1)
+
+
+class ColdExpert(nn.Module):
+    def __init__(
+        self, profile_dim: int, dim: int, hidden_dim: int, attention: GroupAttention, use_attention: bool
+    ) -> None:
+        super().__init__()
+        self.profile = mlp(profile_dim, hidden_dim, dim)
+        self.attention = attention
+        self.use_attention = use_attention
+        self.head = mlp(2 * dim, hidden_dim, dim)
+
+    def forward(self, profile_features: torch.Tensor) -> torch.Tensor:
+        e_up = self.profile(profile_features)
+        attended = self.attention(e_up) if self.use_attention else torch.zeros_like(e_up)
+        return self.head(torch.cat([e_up, attended], dim=1))
+
+
+class WarmExpert(nn.Module):
+    def __init__(
+        self,
+        profile_dim: int,
+        action_dim: int,
+        dim: int,
+        hidden_dim: int,
+        attention: GroupAttention,
+        use_attention: bool,
+    ) -> None:
+        super().__init__()
+        self.trunk = mlp(profile_dim + action_dim, hidden_dim, dim)
+        self.attention = attention
+        self.use_attention = use_attention
+        self.head = mlp(2 * dim, hidden_dim, dim)
+
+    def forward(self, profile_features: torch.Tensor, action_features: torch.Tensor) -> torch.Tensor:
+        e_ut = self.trunk(torch.cat([profile_features, action_features], dim=1))
+        attended = self.attention(e_ut) if self.use_attention else torch.zeros_like(e_ut)
+        return self.head(torch.cat([e_ut, attended], dim=1))

@@ -1,0 +1,82 @@
+"""Configuration of the offline job: one pydantic model per concern, one settings root read from
+``COLDWARM_``-prefixed environment variables (nested with ``__``, e.g. ``COLDWARM_TRAIN__EPOCHS=3``).
+
+The feature, model and training configs are written into every manifest, so an artifact says how it
+was made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class FeatureConfig(BaseModel):
+    """How raw user/item data becomes model inputs; shared by training and serving."""
+
+    max_history: int = Field(50, ge=1, description="L: the most recent item ids kept as action features")
+    zip_prefix_length: int = Field(
+        2, ge=0, description="leading zip-code characters kept as a profile feature"
+    )
+    count_bounds: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 20, 30, 50, 100, 200, 500, 1000)
+    days_bounds: tuple[float, ...] = (0.0, 1 / 24, 1.0, 3.0, 7.0, 14.0, 30.0, 90.0, 180.0, 365.0, 730.0)
+    popularity_bounds: tuple[int, ...] = (0, 1, 3, 10, 30, 100, 300, 1000, 3000)
+    year_bucket_size: int = Field(5, ge=1)
+
+
+class ModelConfig(BaseModel):
+    """Cold & Warm Net's shape; the use_* switches are the ablations."""
+
+    embedding_dim: int = Field(64, ge=4)
+    hidden_dim: int = Field(128, ge=4)
+    feature_dim: int = Field(16, ge=2, description="width of each categorical feature embedding")
+    n_user_groups: int = Field(32, ge=1, description="m: k-means user groups")
+    bias_features: int = Field(10, ge=1, description="beta: features the bias net sees, chosen by MI")
+    use_cold_expert: bool = True
+    use_warm_expert: bool = True
+    use_group_attention: bool = True
+    use_bias_net: bool = True
+    use_dkd: bool = True
+    dkd_alpha: float = Field(0.05, ge=0.0)
+    initial_scale: float = Field(10.0, gt=0.0, description="starting value of the learnable cosine scale")
+
+
+class TrainConfig(BaseModel):
+    loss: Literal["bce", "sampled_softmax"] = "sampled_softmax"
+    negatives: int = Field(4, ge=1, description="uniform random negatives per positive (bce)")
+    shared_negatives: int = Field(
+        1024,
+        ge=0,
+        description="uniform negatives shared by the batch, besides in-batch ones (sampled_softmax)",
+    )
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(1024, ge=8)
+    learning_rate: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    patience: int = Field(2, ge=0, description="epochs without a better validation figure before stopping")
+    validation_group: str = "cold_start"
+    validation_metric: str = "recall@50"
+    pretrain_epochs: int = Field(
+        2, ge=1, description="epochs of the warm-only model whose users k-means groups"
+    )
+    active_users: int = Field(1000, ge=1, description="most active train users clustered into groups")
+    seed: int = 0
+    torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
+
+
+class Settings(BaseSettings):
+    """Root of the offline job's configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="COLDWARM_", env_nested_delimiter="__", extra="ignore")
+
+    data: str = Field(
+        "synthetic", description="synthetic[:N_USERS], a MovieLens-1M directory or an interactions file"
+    )
+    artifacts_dir: Path = Path("artifacts")
+    cache_dir: Path = Path("cache")
+    features: FeatureConfig = FeatureConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
