@@ -1,0 +1,69 @@
+"""The Redis key layout of the feature store; no other module spells a key.
+
+Two keys per user, both carrying the user id as a hash tag (``{42}``) so that a Redis Cluster puts
+them in one slot and the read pipeline and the ``record_event`` script may touch both::
+
+    {prefix}:v{schema}:{<user_id>}:user      hash
+        gender, age, occupation, zip_code   profile fields, stored as given ("" or absent = unknown)
+        count                               interactions so far (all of them, not only the kept ones)
+        first_ts, last_ts                   Unix seconds of the oldest / newest interaction
+    {prefix}:v{schema}:{<user_id>}:actions   list of item ids, newest first, at most ``cap`` long
+
+Numbers are decimal strings. A user with no keys is unknown: the service serves them as a cold-start
+user (empty profile, no history, count 0). ``prefix`` separates deployments or tests sharing one
+server; ``schema_version`` is bumped whenever this layout changes, so that a new service version
+reads a fresh, fully loaded key space instead of misreading the old one. ``pattern()`` matches every
+key of one (prefix, schema) pair, for SCAN-based cleanup and inspection.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+from model.data.schema import PROFILE_FIELDS
+
+STATE_FIELDS: tuple[str, ...] = ("count", "first_ts", "last_ts")
+USER_FIELDS: tuple[str, ...] = (*PROFILE_FIELDS, *STATE_FIELDS)
+
+# Characters SCAN's MATCH treats specially; escaped in pattern() so a prefix is always literal.
+_GLOB_SPECIAL = "\\*?[]"
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    prefix: str = "coldwarm"
+    schema_version: int = 1
+
+    def __post_init__(self) -> None:
+        # A brace in the prefix would become the cluster hash tag and scatter a user's keys.
+        if not self.prefix or "{" in self.prefix or "}" in self.prefix:
+            raise ValueError(f"key prefix must be non-empty and free of braces, got {self.prefix!r}")
+        if operator.index(self.schema_version) < 1:
+            raise ValueError(f"schema_version must be >= 1, got {self.schema_version}")
+
+    @property
+    def namespace(self) -> str:
+        return f"{self.prefix}:v{self.schema_version}"
+
+    def user_key(self, user_id: int) -> str:
+        """Hash of a user's profile and state fields."""
+        return f"{self.namespace}:{{{as_user_id(user_id)}}}:user"
+
+    def actions_key(self, user_id: int) -> str:
+        """List of a user's recent item ids, newest first."""
+        return f"{self.namespace}:{{{as_user_id(user_id)}}}:actions"
+
+    def pattern(self) -> str:
+        """SCAN MATCH pattern of every key in this layout's namespace."""
+        escaped = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.namespace)
+        return f"{escaped}:*"
+
+
+def as_user_id(user_id: int) -> int:
+    """The canonical int of a user id; every store and key goes through here."""
+    # operator.index accepts numpy integers but rejects floats and strings, so "42", 42.0 and 42
+    # cannot name three different users.
+    if isinstance(user_id, bool):
+        raise TypeError("a user id must be an integer, not a bool")
+    return operator.index(user_id)

@@ -1,0 +1,213 @@
+"""The feature store over Redis (layout in ``keys.py``), for the async service.
+
+Every call is bounded by ``timeout_s`` and every failure to talk to Redis surfaces as one
+``FeatureStoreError``, so the service can answer from a cold-start description instead of failing.
+Reads are forgiving: data the store cannot parse (a non-numeric count, a key of the wrong type) counts
+as missing, and the user is served with what remains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from model.data.schema import PROFILE_FIELDS
+from service.feature_store.keys import KeyLayout, as_user_id
+from service.feature_store.records import DEFAULT_CAP, UserRecord, check_event, check_profile
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 0.1
+
+_INTEGER = re.compile(r"-?[0-9]+")
+
+# KEYS[1] user hash, KEYS[2] actions list; ARGV[1] item id, ARGV[2] timestamp, ARGV[3] cap.
+# One script, so a concurrent reader or writer never sees the list and the state disagree. Numbers go
+# back to Redis as the caller's strings or via %d: Lua's own number formatting may use exponents.
+_RECORD_EVENT_LUA = """
+local function as_int(value)
+  if type(value) == 'string' and string.match(value, '^%-?%d+$') then
+    return tonumber(value)
+  end
+  return nil
+end
+local ts = tonumber(ARGV[2])
+local cap = tonumber(ARGV[3])
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('LTRIM', KEYS[2], 0, cap - 1)
+-- A damaged count restarts from the kept actions rather than failing every later event.
+local count = math.max((as_int(redis.call('HGET', KEYS[1], 'count')) or 0) + 1, redis.call('LLEN', KEYS[2]))
+redis.call('HSET', KEYS[1], 'count', string.format('%d', count))
+local first = as_int(redis.call('HGET', KEYS[1], 'first_ts'))
+if first == nil or ts < first then
+  redis.call('HSET', KEYS[1], 'first_ts', ARGV[2])
+end
+local last = as_int(redis.call('HGET', KEYS[1], 'last_ts'))
+if last == nil or ts > last then
+  redis.call('HSET', KEYS[1], 'last_ts', ARGV[2])
+end
+return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, cap - 1)}
+"""
+
+
+class FeatureStoreError(RuntimeError):
+    """The store could not be reached or did not answer in time; the caller should degrade."""
+
+
+def create_client(
+    url: str = "redis://127.0.0.1:6379/0", max_connections: int = 64, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> Redis:
+    """A client suited to the store; any client works, but redis-py's defaults hurt a service:
+
+    - the default pool fails callers beyond ``max_connections`` at once (MaxConnectionsError);
+      a blocking pool queues them, for at most ``timeout_s``;
+    - the default retry backs off and retries a refused connection ten times, so a down Redis costs
+      every request the whole timeout instead of failing in microseconds. One immediate retry is
+      kept: it reconnects a pooled connection that a Redis restart has closed.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), retries=1),
+    )
+    return Redis(connection_pool=pool)
+
+
+class RedisFeatureStore:
+    """User records in Redis through the caller's client (and so its connection pool)."""
+
+    def __init__(
+        self,
+        client: Redis,
+        layout: KeyLayout | None = None,
+        cap: int = DEFAULT_CAP,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        if cap < 1:
+            raise ValueError(f"cap must be >= 1, got {cap}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.client = client
+        self.layout = layout or KeyLayout()
+        self.cap = cap
+        self.timeout_s = timeout_s
+        self._record_event = client.register_script(_RECORD_EVENT_LUA)
+
+    async def get_users(self, user_ids: Sequence[int]) -> list[UserRecord]:
+        """Records in the order asked, unknown users as ``UserRecord.unknown``; one round trip."""
+        if not len(user_ids):
+            return []
+        keys = [(self.layout.user_key(u), self.layout.actions_key(u)) for u in user_ids]
+        async with self._guard("get_users"), self.client.pipeline(transaction=False) as pipe:
+            for user_key, actions_key in keys:
+                pipe.hgetall(user_key)
+                pipe.lrange(actions_key, 0, self.cap - 1)
+            # Per-command errors (a key of the wrong type) come back as values, so one damaged
+            # user does not fail the whole batch; lost connections still raise.
+            replies = await pipe.execute(raise_on_error=False)
+        return [
+            parse_record(as_user_id(user_id), replies[2 * row], replies[2 * row + 1])
+            for row, user_id in enumerate(user_ids)
+        ]
+
+    async def record_event(self, user_id: int, item_id: int, timestamp: int) -> UserRecord:
+        """Appends one interaction atomically and returns the user's new record."""
+        user_id, item_id, timestamp = check_event(user_id, item_id, timestamp)
+        keys = [self.layout.user_key(user_id), self.layout.actions_key(user_id)]
+        async with self._guard("record_event"):
+            fields, actions = await self._record_event(keys=keys, args=[item_id, timestamp, self.cap])
+        return parse_record(user_id, fields, actions)
+
+    async def put_profile(self, user_id: int, fields: Mapping[str, str]) -> None:
+        """Sets the given profile fields, leaving the others and the user's state untouched."""
+        profile = check_profile(fields)
+        if not profile:
+            return
+        key = self.layout.user_key(user_id)
+        async with self._guard("put_profile"):
+            await self.client.hset(key, mapping=profile)
+
+    async def ping(self) -> bool:
+        """True when Redis answers within the timeout; never raises, for health checks."""
+        try:
+            async with self._guard("ping"):
+                return bool(await self.client.ping())
+        except FeatureStoreError:
+            return False
+
+    @asynccontextmanager
+    async def _guard(self, operation: str) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                yield
+        # TimeoutError first: it is also an OSError.
+        except TimeoutError as exc:
+            raise FeatureStoreError(f"{operation}: no answer from Redis within {self.timeout_s}s") from exc
+        except (RedisError, OSError) as exc:
+            raise FeatureStoreError(f"{operation}: {type(exc).__name__}: {exc}") from exc
+
+
+def parse_record(user_id: int, fields: Any, actions: Any) -> UserRecord:
+    """A record from HGETALL and LRANGE replies (dict or flat list, bytes or str, or an error)."""
+    mapping = _as_mapping(user_id, fields)
+    items = _as_list(user_id, actions)
+    if not mapping and not items:
+        return UserRecord.unknown(user_id)
+    profile = {name: mapping[name] for name in PROFILE_FIELDS if mapping.get(name)}
+    count = _as_int(mapping.get("count"))
+    return UserRecord(
+        user_id=user_id,
+        profile=profile,
+        actions=[item for item in (_as_int(raw) for raw in items) if item is not None and item >= 0],
+        count=count if count is not None and count >= 0 else 0,
+        first_ts=_as_int(mapping.get("first_ts")),
+        last_ts=_as_int(mapping.get("last_ts")),
+        found=True,
+    )
+
+
+def _as_mapping(user_id: int, reply: Any) -> dict[str, str]:
+    if isinstance(reply, Exception):
+        logger.warning("user %s: unreadable user hash, treated as missing: %s", user_id, reply)
+        return {}
+    if isinstance(reply, dict):
+        pairs = list(reply.items())
+    elif isinstance(reply, list | tuple):  # HGETALL inside a script replies with a flat list
+        pairs = list(zip(reply[::2], reply[1::2], strict=False))
+    else:
+        logger.warning("user %s: unexpected user hash reply %r, treated as missing", user_id, reply)
+        return {}
+    return {_as_text(key): _as_text(value) for key, value in pairs}
+
+
+def _as_list(user_id: int, reply: Any) -> list[str]:
+    if isinstance(reply, Exception):
+        logger.warning("user %s: unreadable actions list, treated as empty: %s", user_id, reply)
+        return []
+    if not isinstance(reply, list | tuple):
+        logger.warning("user %s: unexpected actions reply %r, treated as empty", user_id, reply)
+        return []
+    return [_as_text(value) for value in reply]
+
+
+def _as_text(value: Any) -> str:
+    # Clients may or may not decode responses; values are stored as given, so never fail on bytes.
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _as_int(value: str | None) -> int | None:
+    """An integer field, or None when absent or malformed (same rule as the Lua script's)."""
+    if value is None or not _INTEGER.fullmatch(value):
+        return None
+    return int(value)
