@@ -1,0 +1,33 @@
+"""Index build and search configuration, read from ``COLDWARM_INDEX_``-prefixed environment variables
+(e.g. ``COLDWARM_INDEX_TYPE=ivf``, ``COLDWARM_INDEX_NPROBE=32``).
+
+The default is an exact inner-product index: at catalog sizes like MovieLens' (a few thousand items)
+exhaustive search costs well under a millisecond, and approximate indexes only pay off far above that.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+IndexType = Literal["flat", "ivf", "hnsw"]
+
+
+class IndexSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COLDWARM_INDEX_", extra="ignore")
+
+    type: IndexType = Field("flat", description="flat: exact; ivf / hnsw: approximate inner product")
+    nlist: int | None = Field(
+        None, ge=1, description="IVF lists; None: about 4·sqrt(n), at most n // 39 (FAISS wants 39/list)"
+    )
+    nprobe: int = Field(16, ge=1, description="IVF lists visited per query")
+    hnsw_m: int = Field(32, ge=2, description="HNSW links per node")
+    ef_construction: int = Field(200, ge=1)
+    ef_search: int = Field(
+        128, ge=1, description="HNSW search breadth; keep it >= k (below k, recall drops fast)"
+    )
+    use_gpu: bool = Field(True, description="build IVF on the GPU when this FAISS build has one and sees one")
+    recall_sample: int = Field(1000, ge=1, description="queries used to measure the index's recall")
+    recall_k: int = Field(100, ge=1)

@@ -1,0 +1,34 @@
+"""Bias folding: the model's score as one inner product, so that retrieval stays exact.
+
+score(u, i) = s·cos(e_u, e_i) + b_u + b_i. With item vectors [s·e_i, b_i] and queries [e_u, 1],
+<query, item> = s·cos(e_u, e_i) + b_i (e_u and e_i are unit-norm). b_u is the same for every item of
+one query, so it cannot change the ranking: the caller adds it to the returned scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def fold_bias(embeddings: np.ndarray, bias: np.ndarray, scale: float) -> np.ndarray:
+    """float32 (n, d + 1) item vectors [s·e_i, b_i]."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    bias = np.asarray(bias, dtype=np.float32).reshape(-1)
+    if embeddings.ndim != 2 or len(bias) != len(embeddings):
+        raise ValueError(f"need embeddings (n, d) and bias (n,), got {embeddings.shape} and {bias.shape}")
+    n, d = embeddings.shape
+    out = np.empty((n, d + 1), dtype=np.float32)
+    out[:, :d] = embeddings * np.float32(scale)
+    out[:, d] = bias
+    return out
+
+
+def query_vectors(user_embeddings: np.ndarray) -> np.ndarray:
+    """float32 (B, d + 1) queries [e_u, 1]."""
+    user_embeddings = np.asarray(user_embeddings, dtype=np.float32)
+    if user_embeddings.ndim != 2:
+        raise ValueError(f"need user embeddings (B, d), got {user_embeddings.shape}")
+    b, d = user_embeddings.shape
+    out = np.ones((b, d + 1), dtype=np.float32)
+    out[:, :d] = user_embeddings
+    return out
