@@ -45,10 +45,14 @@ class Vocabulary:
         return len(self.values) + 2
 
     def encode(self, values: np.ndarray | pd.Series | list[str]) -> np.ndarray:
-        series = pd.Series(values, dtype=object).astype(str)
-        codes = series.map(self._index).fillna(OOV).to_numpy(np.int64, copy=True)
-        codes[(series == "").to_numpy()] = MISSING
-        return codes
+        # A dict lookup per value: microseconds for the service's one-user batches, where a pandas
+        # round trip costs a millisecond, and fast enough for training's few hundred thousand rows.
+        index = self._index
+        return np.fromiter(
+            (MISSING if (text := str(value)) == "" else index.get(text, OOV) for value in values),
+            dtype=np.int64,
+            count=len(values),
+        )
 
 
 @dataclass

@@ -60,7 +60,14 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, cap - 1
 
 
 class FeatureStoreError(RuntimeError):
-    """The store could not be reached or did not answer in time; the caller should degrade."""
+    """The store could not be reached or did not answer in time; the caller should degrade.
+
+    ``reason`` is "timeout" or "unavailable", for metrics and for the degraded answer.
+    """
+
+    def __init__(self, message: str, reason: str = "unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def create_client(
@@ -153,7 +160,9 @@ class RedisFeatureStore:
                 yield
         # TimeoutError first: it is also an OSError.
         except TimeoutError as exc:
-            raise FeatureStoreError(f"{operation}: no answer from Redis within {self.timeout_s}s") from exc
+            raise FeatureStoreError(
+                f"{operation}: no answer from Redis within {self.timeout_s}s", reason="timeout"
+            ) from exc
         except (RedisError, OSError) as exc:
             raise FeatureStoreError(f"{operation}: {type(exc).__name__}: {exc}") from exc
 

@@ -1,0 +1,43 @@
+"""POST /admin/reload: load a new artifacts directory, warm it, swap model and index together."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException
+
+from model.artifacts import ArtifactError
+from service.schemas import ReloadRequest, ReloadResponse
+from service.state import ServiceState, State
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+def check_token(state: ServiceState, authorization: str | None) -> None:
+    token = state.settings.admin_token
+    if not token:
+        raise HTTPException(404, "admin endpoints are disabled: set COLDWARM_ADMIN_TOKEN to enable them")
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+@router.post("/reload", response_model=ReloadResponse)
+async def reload(
+    state: State, body: ReloadRequest | None = None, authorization: Annotated[str | None, Header()] = None
+) -> ReloadResponse:
+    """Refuses a broken directory with 422 and keeps serving the old version."""
+    check_token(state, authorization)
+    directory = Path(body.artifacts_dir) if body and body.artifacts_dir else state.settings.artifacts_dir
+    try:
+        bundle = await state.recommender.reload(directory, state.index_settings)
+    except (ArtifactError, OSError, ValueError) as error:
+        state.metrics.reloads.labels("refused").inc()
+        raise HTTPException(422, f"reload refused, still serving the previous version: {error}") from error
+    state.metrics.reloads.labels("ok").inc()
+    state.metrics.set_versions(bundle.model_version, bundle.index_version, bundle.n_items)
+    return ReloadResponse(
+        model_version=bundle.model_version, index_version=bundle.index_version, n_items=bundle.n_items
+    )

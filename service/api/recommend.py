@@ -1,0 +1,66 @@
+"""POST /recommend: top-K items for a user, from whatever the feature store knows of them now."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from service.feature_store import FeatureStoreError, UserRecord
+from service.schemas import GateWeights, Latency, RecommendRequest, RecommendResponse, ScoredItem
+from service.settings import user_group
+from service.state import ServiceState, State
+
+router = APIRouter(tags=["recommend"])
+
+
+async def read_user(state: ServiceState, user_id: int) -> tuple[UserRecord, str | None]:
+    """The user's record, or an empty (cold-start) one and the reason when the store fails."""
+    try:
+        [record] = await state.store.get_users([user_id])
+        return record, None
+    except FeatureStoreError as error:
+        state.metrics.redis_errors.labels("get_users").inc()
+        return UserRecord.unknown(user_id), f"feature_store_{error.reason}"
+
+
+@router.post("/recommend", response_model=RecommendResponse)
+async def recommend(body: RecommendRequest, state: State, request: Request) -> RecommendResponse:
+    started = time.perf_counter()
+    record, degraded_reason = await read_user(state, body.user_id)
+    features_seconds = time.perf_counter() - started
+    exclude = set(body.exclude_items or ())
+    if body.exclude_seen:
+        exclude.update(record.actions)
+    result = await state.recommender.recommend(record, int(time.time()), body.k, exclude)
+    total_seconds = time.perf_counter() - started
+
+    group = user_group(record.count, state.settings)
+    request.state.user_group = group
+    metrics = state.metrics
+    for stage, seconds in (
+        ("features", features_seconds),
+        ("model", result.model_seconds),
+        ("search", result.search_seconds),
+        ("total", total_seconds),
+    ):
+        metrics.stage_latency.labels(stage).observe(seconds)
+    metrics.gate_cold_weight.labels(group).observe(result.gate_cold)
+    if degraded_reason:
+        metrics.degraded.labels(degraded_reason).inc()
+    return RecommendResponse(
+        user_id=body.user_id,
+        items=[ScoredItem(item_id=i, score=s) for i, s in zip(result.item_ids, result.scores, strict=True)],
+        user_group=group,
+        gate=GateWeights(cold=result.gate_cold, warm=result.gate_warm),
+        model_version=result.model_version,
+        index_version=result.index_version,
+        degraded=degraded_reason is not None,
+        degraded_reason=degraded_reason,
+        latency_ms=Latency(
+            features=features_seconds * 1e3,
+            model=result.model_seconds * 1e3,
+            search=result.search_seconds * 1e3,
+            total=total_seconds * 1e3,
+        ),
+    )

@@ -1,0 +1,67 @@
+"""The user resource: events (an interaction happened), profile writes, and a read of the state."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, HTTPException, Path, Request
+
+from service.feature_store import FeatureStoreError, UserRecord
+from service.schemas import EventRequest, ProfileRequest, ProfileResponse, UserState
+from service.settings import user_group
+from service.state import ServiceState, State
+
+router = APIRouter(tags=["users"])
+UserIdPath = Path(ge=0, le=2**63 - 1, description="the user's 64-bit integer id")
+
+
+def unavailable(state: ServiceState, operation: str, error: FeatureStoreError) -> HTTPException:
+    """Writes cannot degrade: say so, so the caller retries instead of losing the event."""
+    state.metrics.redis_errors.labels(operation).inc()
+    return HTTPException(503, f"feature store unavailable ({error.reason}); nothing was written, retry")
+
+
+def user_state(record: UserRecord, state: ServiceState) -> UserState:
+    return UserState(
+        user_id=record.user_id,
+        interaction_count=record.count,
+        first_timestamp=record.first_ts,
+        last_timestamp=record.last_ts,
+        recent_items=record.actions,
+        user_group=user_group(record.count, state.settings),
+    )
+
+
+@router.post("/events", response_model=UserState)
+async def record_event(body: EventRequest, state: State, request: Request) -> UserState:
+    """Adds an interaction atomically; the user's next /recommend already uses it."""
+    timestamp = body.timestamp if body.timestamp is not None else int(time.time())
+    try:
+        record = await state.store.record_event(body.user_id, body.item_id, timestamp)
+    except FeatureStoreError as error:
+        raise unavailable(state, "record_event", error) from error
+    answer = user_state(record, state)
+    request.state.user_group = answer.user_group
+    return answer
+
+
+@router.put("/users/{user_id}/profile", response_model=ProfileResponse)
+async def put_profile(body: ProfileRequest, state: State, user_id: int = UserIdPath) -> ProfileResponse:
+    """Sets the given profile fields; values the model never saw become out-of-vocabulary, not errors."""
+    fields = {name: value for name, value in body.model_dump().items() if value is not None}
+    try:
+        await state.store.put_profile(user_id, fields)
+        [record] = await state.store.get_users([user_id])
+    except FeatureStoreError as error:
+        raise unavailable(state, "put_profile", error) from error
+    return ProfileResponse(user_id=user_id, profile=record.profile)
+
+
+@router.get("/users/{user_id}", response_model=UserState)
+async def get_user(state: State, user_id: int = UserIdPath) -> UserState:
+    """What the service knows of a user (an unknown user is a cold-start user with nothing recorded)."""
+    try:
+        [record] = await state.store.get_users([user_id])
+    except FeatureStoreError as error:
+        raise unavailable(state, "get_users", error) from error
+    return user_state(record, state)

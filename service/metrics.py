@@ -1,0 +1,78 @@
+"""Prometheus metrics of one service instance, in a registry of its own (tests run several apps)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Sub-millisecond buckets: the stages of a request take tens of microseconds to a few milliseconds.
+LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.004,
+    0.006,
+    0.008,
+    0.012,
+    0.016,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+GATE_BUCKETS = tuple(i / 10 for i in range(11))
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "coldwarm_requests",
+            "Requests by endpoint, HTTP status and user group",
+            ["endpoint", "status", "user_group"],
+            registry=self.registry,
+        )
+        self.stage_latency = Histogram(
+            "coldwarm_stage_latency_seconds",
+            "Latency of each stage of /recommend",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.gate_cold_weight = Histogram(
+            "coldwarm_gate_cold_weight",
+            "Gate weight of the cold-start expert, by user group",
+            ["user_group"],
+            buckets=GATE_BUCKETS,
+            registry=self.registry,
+        )
+        self.redis_errors = Counter(
+            "coldwarm_redis_errors",
+            "Feature-store calls that failed or timed out",
+            ["operation"],
+            registry=self.registry,
+        )
+        self.degraded = Counter(
+            "coldwarm_degraded_answers",
+            "Answers served from the cold path, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "coldwarm_reloads", "Artifact reloads by result", ["result"], registry=self.registry
+        )
+        self.versions = Info(
+            "coldwarm_serving", "Model and index versions being served", registry=self.registry
+        )
+        self.index_size = Gauge("coldwarm_index_items", "Items in the served index", registry=self.registry)
+
+    def set_versions(self, model_version: str, index_version: str, n_items: int) -> None:
+        self.versions.info({"model_version": model_version, "index_version": index_version})
+        self.index_size.set(n_items)

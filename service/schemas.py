@@ -1,0 +1,87 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Ids are 64-bit integers in every feed backend we serve; reject what would overflow FAISS's int64.
+UserId = Field(ge=0, le=2**63 - 1, description="the user's 64-bit integer id")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendRequest(StrictModel):
+    user_id: int = UserId
+    k: int = Field(50, ge=1, le=1000, description="number of items to return")
+    exclude_seen: bool = Field(True, description="drop the items in the user's recent actions")
+    exclude_items: list[int] | None = Field(None, max_length=10_000, description="more item ids to drop")
+
+
+class ScoredItem(BaseModel):
+    item_id: int
+    score: float
+
+
+class GateWeights(BaseModel):
+    cold: float
+    warm: float
+
+
+class Latency(BaseModel):
+    features: float
+    model: float
+    search: float
+    total: float
+
+
+class RecommendResponse(BaseModel):
+    user_id: int
+    items: list[ScoredItem]
+    user_group: str
+    gate: GateWeights
+    model_version: str
+    index_version: str
+    degraded: bool
+    degraded_reason: str | None = None
+    latency_ms: Latency
+
+
+class EventRequest(StrictModel):
+    user_id: int = UserId
+    item_id: int = Field(ge=0, le=2**63 - 1)
+    timestamp: int | None = Field(None, ge=0, description="Unix seconds; default: now")
+
+
+class UserState(BaseModel):
+    user_id: int
+    interaction_count: int
+    first_timestamp: int | None
+    last_timestamp: int | None
+    recent_items: list[int]
+    user_group: str
+
+
+class ProfileRequest(StrictModel):
+    gender: str | None = Field(None, max_length=64)
+    age: str | None = Field(None, max_length=64)
+    occupation: str | None = Field(None, max_length=64)
+    zip_code: str | None = Field(None, max_length=64)
+
+
+class ProfileResponse(BaseModel):
+    user_id: int
+    profile: dict[str, str]
+
+
+class ReloadRequest(StrictModel):
+    artifacts_dir: str | None = Field(
+        None, description="artifacts root or version dir; default: the configured"
+    )
+
+
+class ReloadResponse(BaseModel):
+    model_version: str
+    index_version: str
+    n_items: int

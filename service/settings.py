@@ -1,0 +1,38 @@
+"""Service configuration: ``COLDWARM_``-prefixed environment variables.
+
+The index search parameters (nprobe, efSearch) are ``IndexSettings`` (``COLDWARM_INDEX_*``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COLDWARM_", env_nested_delimiter="__", extra="ignore")
+
+    artifacts_dir: Path = Field(Path("artifacts"), description="artifacts root (with LATEST) or version dir")
+    redis_url: str | None = Field(None, description="e.g. redis://127.0.0.1:6379/0; unset: in-process store")
+    redis_timeout_ms: float = Field(20.0, gt=0, description="per-call Redis budget before degrading")
+    redis_max_connections: int = Field(64, ge=1)
+    key_prefix: str = "coldwarm"
+    key_schema_version: int = 1
+    torch_threads: int = Field(1, ge=1, description="intra-op threads of the user tower")
+    faiss_threads: int = Field(1, ge=1, description="OpenMP threads of one search; more hurts latency")
+    admin_token: str | None = Field(None, description="bearer token of /admin/reload; unset disables it")
+    max_k: int = Field(1000, ge=1)
+    max_exclude_items: int = Field(10_000, ge=0)
+    warm_up_from: int = Field(10, ge=1, description="interactions from which a user counts as warm-up")
+    active_from: int = Field(50, ge=1, description="interactions from which a user counts as active")
+
+
+def user_group(interaction_count: int, settings: ServiceSettings) -> str:
+    """The protocol's groups, by the interactions a user has had so far."""
+    if interaction_count >= settings.active_from:
+        return "active"
+    if interaction_count >= settings.warm_up_from:
+        return "warm_up"
+    return "cold_start"
