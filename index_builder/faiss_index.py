@@ -199,8 +199,13 @@ def exact_search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force ground truth: the same contract as ``search``, over the raw vectors."""
     vectors, item_ids = _check_vectors(vectors, item_ids)
-    flat = faiss.IndexFlatIP(vectors.shape[1])
-    flat.add(vectors)
-    scores, positions = search(flat, queries, k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    # knn searches the array in place: no index, no copy of a catalog that may be large.
+    scores, positions = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+    if k > len(vectors):
+        pad = k - len(vectors)
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        positions = np.pad(positions, ((0, 0), (0, pad)), constant_values=EMPTY_ID)
+    scores = np.where(positions == EMPTY_ID, -np.inf, scores).astype(np.float32)
     ids = np.where(positions == EMPTY_ID, EMPTY_ID, item_ids[np.maximum(positions, 0)])
-    return scores, ids
+    return scores, ids.astype(np.int64)

@@ -150,4 +150,10 @@ def load_artifacts(path: Path, map_location: str = "cpu") -> Artifacts:
         raise ArtifactError(f"{directory}: {ITEMS_FILE} arrays disagree in length")
     if "model_version" not in manifest or "scale" not in manifest:
         raise ArtifactError(f"{directory}: {MANIFEST_FILE} lacks model_version or scale")
+    actual = content_version(directory, (USER_TOWER_FILE, ITEMS_FILE, FEATURES_FILE))
+    if actual != manifest["model_version"]:
+        # A file swapped or damaged after export would otherwise be served under the old version's name.
+        raise ArtifactError(
+            f"{directory}: content hash {actual} does not match model_version {manifest['model_version']}"
+        )
     return Artifacts(directory, manifest, user_tower, items, encoder)

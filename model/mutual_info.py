@@ -62,7 +62,10 @@ def select_bias_features(
     seed: int,
     max_positives: int = 100_000,
 ) -> BiasFeatureSelection:
+    """The top ``beta`` of the user-side and item-side candidates; passing no ``user_names`` limits the
+    choice to the item side (the user columns of the sample are then left out)."""
     user_codes, item_codes, labels = behaviour_sample(samples, item_candidates, max_positives, seed)
+    user_codes = user_codes[:, : len(user_names)]
     chosen, scores = select_by_mutual_information(
         np.concatenate([user_codes, item_codes], axis=1), labels, [*user_names, *item_names], beta, seed
     )

@@ -160,11 +160,10 @@ def run_epochs(
     use_dkd = model_config.use_dkd and model_config.use_cold_expert and model_config.use_warm_expert
     history: list[dict[str, float]] = []
     best_score, best_state, stale = -1.0, copy.deepcopy(net.state_dict()), 0
-    n = len(context.samples)
     for epoch in range(1, epochs + 1):
         net.train()
-        order = torch.randperm(n, generator=generator)
-        batches = range(0, n, config.batch_size)
+        order = torch.randperm(len(context.samples), generator=generator)
+        batches = range(0, len(order), config.batch_size)
         bar = tqdm(
             batches, desc=f"{label} epoch {epoch}/{epochs}", unit="batch", disable=not progress, leave=False
         )
@@ -226,6 +225,12 @@ def fit_user_groups(
     return torch.as_tensor(groups)
 
 
+def user_bias_candidates(config: TrainConfig) -> list[str]:
+    """User-side bias features only for BCE: in a softmax over items a per-user constant cancels, so
+    b_u gets no gradient and Adam turns rounding noise into a random walk of its weights."""
+    return list(USER_BIAS_CANDIDATES) if config.loss == "bce" else []
+
+
 def fit_cold_warm_net(
     context: TrainingContext,
     model_config: ModelConfig,
@@ -243,7 +248,7 @@ def fit_cold_warm_net(
         selection = select_bias_features(
             context.samples,
             probe.item_scorer.bias_candidates,
-            list(USER_BIAS_CANDIDATES),
+            user_bias_candidates(config),
             item_bias_candidate_names(context.encoder),
             model_config.bias_features,
             config.seed,

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index_builder.settings import IndexSettings
 from service.api import admin, health, recommend, users
@@ -98,14 +99,26 @@ def create_app(
         detail = jsonable_encoder(error.errors())
         return JSONResponse({"message": validation_message(error), "detail": detail}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Every error body carries "message", whatever raised it.
+        return JSONResponse(
+            {"message": str(error.detail), "detail": error.detail},
+            status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
+
     @app.middleware("http")
     async def count_requests(request: Request, call_next) -> Response:  # noqa: ANN001
-        response = await call_next(request)
-        group = getattr(request.state, "user_group", "none")
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        metrics.requests.labels(endpoint, str(response.status_code), group).inc()
-        return response
+        status = 500  # an exception escaping the app is answered with a 500 by the server
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            group = getattr(request.state, "user_group", "none")
+            endpoint = getattr(request.scope.get("route"), "path", "unmatched")
+            metrics.requests.labels(endpoint, str(status), group).inc()
 
     return app
 

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import numpy as np
 import torch
 
 from index_builder.build import load_index
 from index_builder.faiss_index import search
 from index_builder.settings import IndexSettings
-from index_builder.vectors import query_vectors
-from model.artifacts import Artifacts, load_artifacts
+from index_builder.vectors import fold_bias, query_vectors
+from model.artifacts import ArtifactError, Artifacts, load_artifacts
 from service.feature_store import UserRecord, records_to_raw_users
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class ServingBundle:
     index: faiss.Index
     index_manifest: dict[str, Any]
     index_version: str
+    # The folded item vectors, for the exact fallback when an approximate index returns too few items.
+    vectors: np.ndarray
 
     @property
     def model_version(self) -> str:
@@ -62,8 +65,12 @@ def load_bundle(artifacts_dir: Path, index_settings: IndexSettings) -> ServingBu
     """Loads artifacts and their index, checks they belong together, and runs one request through them."""
     artifacts = load_artifacts(Path(artifacts_dir))
     index, manifest = load_index(artifacts.directory, index_settings, artifacts.version)
-    bundle = ServingBundle(artifacts, index, manifest, index_version=str(manifest.get("index_version", "")))
-    compute(bundle, UserRecord.unknown(0), int(time.time()), 1, set())  # warm-up: first-call costs paid here
+    vectors = fold_bias(artifacts.items.embeddings, artifacts.items.bias, artifacts.scale)
+    bundle = ServingBundle(artifacts, index, manifest, str(manifest.get("index_version", "")), vectors)
+    try:
+        compute(bundle, UserRecord.unknown(0), int(time.time()), 1, set())  # warm-up: first-call costs here
+    except Exception as error:  # a tower that loads but cannot run is as broken as a missing file
+        raise ArtifactError(f"{artifacts.directory}: warm-up request failed: {error}") from error
     return bundle
 
 
@@ -72,7 +79,7 @@ def compute(bundle: ServingBundle, record: UserRecord, now: int, k: int, exclude
     started = time.perf_counter()
     encoder = bundle.artifacts.encoder
     encoded = encoder.encode_users(records_to_raw_users([record], now, encoder.config.max_history))
-    with torch.inference_mode():
+    with torch.no_grad():
         embedding, user_bias, gate = bundle.artifacts.user_tower(
             torch.from_numpy(encoded.profile),
             torch.from_numpy(encoded.history),
@@ -101,6 +108,11 @@ def compute(bundle: ServingBundle, record: UserRecord, now: int, k: int, exclude
     )
 
 
+def survivors(ids: np.ndarray, scores: np.ndarray, exclude: set[int], k: int) -> list[tuple[int, float]]:
+    kept = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0 and int(i) not in exclude]
+    return kept[:k]
+
+
 class Recommender:
     """Serves the current bundle; ``swap`` replaces it atomically."""
 
@@ -122,6 +134,13 @@ class Recommender:
         """Loads and warms a new bundle off the serving thread, then swaps; on error the old one stays."""
         async with self._reload_lock:
             bundle = await asyncio.to_thread(load_bundle, artifacts_dir, index_settings)
+            served, new = self._bundle.artifacts.encoder.config, bundle.artifacts.encoder.config
+            if new.max_history != served.max_history:
+                # The feature store keeps max_history actions per user, fixed when the service started.
+                raise ArtifactError(
+                    f"{bundle.artifacts.directory}: max_history {new.max_history} differs from the served "
+                    f"{served.max_history}; restart the service to change it"
+                )
             self._bundle = bundle
             log.info("now serving model %s with index %s", bundle.model_version, bundle.index_version)
             return bundle

@@ -9,7 +9,8 @@ UserId = Field(ge=0, le=2**63 - 1, description="the user's 64-bit integer id")
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: "42" or true is not a user id; a client sending them has a bug worth a 422.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RecommendRequest(StrictModel):

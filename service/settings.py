@@ -16,7 +16,14 @@ class ServiceSettings(BaseSettings):
 
     artifacts_dir: Path = Field(Path("artifacts"), description="artifacts root (with LATEST) or version dir")
     redis_url: str | None = Field(None, description="e.g. redis://127.0.0.1:6379/0; unset: in-process store")
-    redis_timeout_ms: float = Field(20.0, gt=0, description="per-call Redis budget before degrading")
+    redis_timeout_ms: float = Field(
+        100.0,
+        gt=0,
+        description="per-call Redis budget before degrading (includes waiting for the event loop)",
+    )
+    max_event_skew_s: int = Field(
+        86_400, ge=0, description="how far in the future an event timestamp may lie"
+    )
     redis_max_connections: int = Field(64, ge=1)
     key_prefix: str = "coldwarm"
     key_schema_version: int = 1

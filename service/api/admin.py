@@ -33,7 +33,7 @@ async def reload(
     directory = Path(body.artifacts_dir) if body and body.artifacts_dir else state.settings.artifacts_dir
     try:
         bundle = await state.recommender.reload(directory, state.index_settings)
-    except (ArtifactError, OSError, ValueError) as error:
+    except (ArtifactError, OSError, ValueError, RuntimeError) as error:
         state.metrics.reloads.labels("refused").inc()
         raise HTTPException(422, f"reload refused, still serving the previous version: {error}") from error
     state.metrics.reloads.labels("ok").inc()

@@ -35,7 +35,11 @@ def user_state(record: UserRecord, state: ServiceState) -> UserState:
 @router.post("/events", response_model=UserState)
 async def record_event(body: EventRequest, state: State, request: Request) -> UserState:
     """Adds an interaction atomically; the user's next /recommend already uses it."""
-    timestamp = body.timestamp if body.timestamp is not None else int(time.time())
+    now = int(time.time())
+    timestamp = body.timestamp if body.timestamp is not None else now
+    if timestamp > now + state.settings.max_event_skew_s:
+        # A future (or millisecond) timestamp would make the user look "active just now" forever.
+        raise HTTPException(422, f"timestamp {timestamp} is in the future: send Unix seconds, at most now")
     try:
         record = await state.store.record_event(body.user_id, body.item_id, timestamp)
     except FeatureStoreError as error:

@@ -1,0 +1,344 @@
+"""The parts of Cold & Warm Net, each against a hand computation: gate, group attention, distillation,
+losses and candidates, mutual-information selection, and the score of the whole net."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from model.data.split import split_users
+from model.data.synthetic import generate_synthetic
+from model.distillation import distillation_loss, distillation_mask
+from model.features import FeatureEncoder
+from model.losses import bce_candidates, per_sample_loss, softmax_candidates
+from model.mutual_info import select_bias_features, select_by_mutual_information
+from model.nn.cold_warm_net import (
+    USER_BIAS_CANDIDATES,
+    ColdWarmNet,
+    item_bias_candidate_names,
+)
+from model.nn.gate import StateGate
+from model.nn.group_attention import GroupAttention
+from model.samples import TrainingSamples, UserSequences, build_training_samples
+from model.settings import FeatureConfig, ModelConfig
+
+SMALL = ModelConfig(embedding_dim=8, hidden_dim=16, feature_dim=4, n_user_groups=5, bias_features=6)
+
+
+@pytest.fixture(scope="module")
+def world() -> tuple[FeatureEncoder, TrainingSamples]:
+    data = generate_synthetic(n_users=150, n_items=60, seed=5)
+    split = split_users(data)
+    encoder = FeatureEncoder.fit(data, split.train, FeatureConfig(max_history=10))
+    sequences = UserSequences.from_interactions(data.interactions, split.train)
+    return encoder, build_training_samples(data.users, sequences, encoder)
+
+
+# ----- gate ------------------------------------------------------------------------------------------
+
+
+def random_state(n: int, cardinalities: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(0, c, (n,), generator=g) for c in cardinalities], dim=1)
+
+
+def test_gate_weights_are_a_distribution_per_row() -> None:
+    torch.manual_seed(0)
+    cards = (14, 12, 12)
+    gate = StateGate(cards, feature_dim=4, hidden_dim=16, use_cold=True, use_warm=True)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.mul_(5.0)  # sharpen, so the weights are far from (0.5, 0.5)
+        weights = gate(random_state(200, cards))
+    assert weights.shape == (200, 2)
+    assert (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(200))
+    assert float(weights[:, 0].max() - weights[:, 0].min()) > 0.1  # depends on the state
+
+
+@pytest.mark.parametrize(
+    ("use_cold", "use_warm", "expected"), [(True, False, [1.0, 0.0]), (False, True, [0.0, 1.0])]
+)
+def test_gate_is_fixed_one_hot_with_one_expert_off(
+    use_cold: bool, use_warm: bool, expected: list[float]
+) -> None:
+    cards = (14, 12, 12)
+    gate = StateGate(cards, feature_dim=4, hidden_dim=16, use_cold=use_cold, use_warm=use_warm)
+    weights = gate(random_state(50, cards))
+    torch.testing.assert_close(weights, torch.tensor([expected] * 50))
+
+
+@pytest.mark.parametrize(("switch", "expert"), [("use_warm_expert", "cold"), ("use_cold_expert", "warm")])
+def test_user_tower_with_one_expert_off_is_that_expert(world, switch: str, expert: str) -> None:
+    encoder, samples = world
+    torch.manual_seed(0)
+    net = ColdWarmNet(encoder, SMALL.model_copy(update={switch: False})).eval()
+    profile, history, state, _ = samples.batch(torch.arange(64))
+    with torch.no_grad():
+        e_u, _, gate, e_cold, e_warm = net.user_tower.experts(profile, history, state)
+    only = e_cold if expert == "cold" else e_warm
+    torch.testing.assert_close(e_u, only)
+    assert torch.all(gate[:, 0 if expert == "cold" else 1] == 1.0)
+
+
+# ----- group attention -------------------------------------------------------------------------------
+
+
+def test_group_attention_is_a_convex_combination_of_the_groups() -> None:
+    torch.manual_seed(1)
+    m, d = 6, 8
+    groups = torch.randn(m, d) * 3
+    attention = GroupAttention(m, d)
+    attention.set_groups(groups)
+    query = torch.randn(10, d) * 3
+    out = attention(query)
+    weights = torch.softmax(query @ groups.t() / math.sqrt(d), dim=1)
+    torch.testing.assert_close(out, weights @ groups)
+    assert (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(10))
+    # Inside the groups' bounding box, coordinate by coordinate (a necessary condition of convexity).
+    assert (out <= groups.max(dim=0).values + 1e-5).all() and (out >= groups.min(dim=0).values - 1e-5).all()
+    # Recovering the weights from the output: least squares on [groups^T; 1] gives back the softmax.
+    system = torch.cat([groups.t(), torch.ones(1, m)], dim=0).double()
+    target = torch.cat([out.t(), torch.ones(1, 10)], dim=0).double()
+    recovered = torch.linalg.lstsq(system, target).solution.t()
+    torch.testing.assert_close(recovered.float(), weights, atol=1e-4, rtol=1e-4)
+
+
+def test_group_attention_with_one_group_returns_that_group() -> None:
+    group = torch.tensor([[0.5, -2.0, 3.0, 1.0]])
+    attention = GroupAttention(1, 4)
+    attention.set_groups(group)
+    out = attention(torch.randn(7, 4) * 10)
+    torch.testing.assert_close(out, group.expand(7, -1))
+
+
+def test_group_embeddings_are_a_fixed_buffer_not_a_parameter() -> None:
+    attention = GroupAttention(3, 4)
+    assert "group_embeddings" in dict(attention.named_buffers())
+    assert not list(attention.parameters())
+
+
+# ----- distillation ----------------------------------------------------------------------------------
+
+
+def test_distillation_mask_is_on_exactly_where_cold_loss_exceeds_warm_loss() -> None:
+    cold = torch.tensor([1.0, 2.0, 3.0, 0.5, 0.0, 7.0])
+    warm = torch.tensor([0.5, 2.0, 4.0, 0.1, 0.0, 6.9])
+    assert distillation_mask(cold, warm).tolist() == [True, False, False, True, False, True]
+
+
+def test_distillation_loss_is_zero_with_an_empty_mask() -> None:
+    cold_logits = torch.randn(4, 5, requires_grad=True)
+    warm_logits = torch.randn(4, 5)
+    loss = distillation_loss(
+        cold_logits, warm_logits, torch.tensor([1.0, 2.0, 0.0, 3.0]), torch.tensor([1.0, 2.5, 0.0, 3.0])
+    )
+    assert float(loss.detach()) == 0.0
+    loss.backward()
+    assert torch.all(cold_logits.grad == 0)
+
+
+def test_distillation_loss_hand_computed_and_warm_side_detached() -> None:
+    cold_logits = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0], [3.0, -1.0, 2.0]], requires_grad=True)
+    warm_logits = torch.tensor([[0.0, 0.0, 1.0], [5.0, 5.0, 5.0], [1.0, 1.0, 1.0]], requires_grad=True)
+    cold_loss = torch.tensor([0.9, 0.1, 0.7])
+    warm_loss = torch.tensor([0.2, 0.5, 0.7])  # rows 0 on, 1 off (cold better), 2 off (a tie)
+    loss = distillation_loss(cold_logits, warm_logits, cold_loss, warm_loss)
+    # Row 0: gaps (1, 2, -1) → mean square 2; divided by the batch size 3, not the masked count.
+    assert float(loss.detach()) == pytest.approx(2.0 / 3.0)
+    loss.backward()
+    assert warm_logits.grad is None or torch.all(warm_logits.grad == 0)
+    # d/dc of (1/3) * mean_j (c_j - w_j)^2 on row 0 = 2 (c - w) / (3 * 3); other rows zero.
+    expected = torch.zeros(3, 3)
+    expected[0] = 2.0 * torch.tensor([1.0, 2.0, -1.0]) / 9.0
+    torch.testing.assert_close(cold_logits.grad, expected)
+
+
+def test_distillation_mask_ignores_gradients_of_the_losses() -> None:
+    cold_logits = torch.randn(3, 2, requires_grad=True)
+    cold_loss = torch.tensor([2.0, 0.0, 1.0], requires_grad=True)
+    warm_loss = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
+    distillation_loss(cold_logits, torch.zeros(3, 2), cold_loss, warm_loss).backward()
+    assert cold_loss.grad is None and warm_loss.grad is None
+
+
+# ----- per-sample losses and candidates -------------------------------------------------------------
+
+
+def test_bce_per_sample_loss_equals_hand_computation() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5], [-0.3, 1.2, -2.0]])
+    candidates = bce_candidates(torch.tensor([0, 1]), 2, 10, torch.Generator().manual_seed(0))
+    got = per_sample_loss(logits, candidates)
+
+    def softplus(x: float) -> float:
+        return math.log1p(math.exp(x))
+
+    # Column 0 positive: -log sigmoid(x) = softplus(-x); negatives: -log(1 - sigmoid(x)) = softplus(x).
+    expected = [
+        (softplus(-2.0) + softplus(-1.0) + softplus(0.5)) / 3,
+        (softplus(0.3) + softplus(1.2) + softplus(-2.0)) / 3,
+    ]
+    torch.testing.assert_close(got, torch.tensor(expected))
+
+
+def test_bce_candidates_put_the_target_first() -> None:
+    targets = torch.tensor([4, 9, 0])
+    candidates = bce_candidates(targets, 5, 10, torch.Generator().manual_seed(3))
+    assert candidates.positions.shape == (3, 6)
+    torch.testing.assert_close(candidates.positions[:, 0], targets)
+    assert int(candidates.positions.min()) >= 0 and int(candidates.positions.max()) < 10
+    assert candidates.log_q is None
+
+
+def test_softmax_candidates_mask_accidental_hits() -> None:
+    n_items = 20
+    targets = torch.tensor([3, 5, 3, 7])  # target 3 twice in the batch
+    item_log_q = torch.log(torch.full((n_items,), 1.0 / n_items))
+    generator = torch.Generator().manual_seed(0)
+    candidates = softmax_candidates(targets, 6, n_items, item_log_q, generator)
+    shared = candidates.positions[4:]
+    assert candidates.positions[:4].tolist() == targets.tolist()
+    hits = candidates.accidental_hits
+    assert hits.shape == (4, 10)
+    for row in range(4):
+        for col in range(10):
+            expected = col != row and int(candidates.positions[col]) == int(targets[row])
+            assert bool(hits[row, col]) == expected, (row, col)
+    assert hits[0, 2] and hits[2, 0] and not hits[0, 0] and not hits[2, 2]
+    assert candidates.positive_column.tolist() == [0, 1, 2, 3]
+    # log Q: in-batch items log(B * q(item)); shared uniform draws log(n_shared / n_items).
+    torch.testing.assert_close(candidates.log_q[:4], torch.full((4,), math.log(4 / n_items)))
+    torch.testing.assert_close(candidates.log_q[4:], torch.full((6,), math.log(6 / n_items)))
+    assert len(shared) == 6
+
+    # The loss treats a duplicate target as neither positive nor negative: with a huge logit on the
+    # duplicate column, the loss is unchanged; a huge logit on a genuine negative raises it.
+    torch.manual_seed(0)
+    logits = torch.randn(4, 10)
+    base = per_sample_loss(logits, candidates)
+    bumped = logits.clone()
+    bumped[0, 2] = 50.0
+    torch.testing.assert_close(per_sample_loss(bumped, candidates), base)
+    negative_col = next(c for c in range(1, 10) if not hits[0, c] and int(candidates.positions[c]) != 3)
+    bumped = logits.clone()
+    bumped[0, negative_col] = 50.0
+    assert float(per_sample_loss(bumped, candidates)[0]) > float(base[0]) + 10
+
+
+def test_softmax_per_sample_loss_equals_hand_computation() -> None:
+    n_items = 8
+    item_log_q = torch.log(torch.tensor([0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05]))
+    targets = torch.tensor([0, 2, 0])
+    candidates = softmax_candidates(targets, 2, n_items, item_log_q, torch.Generator().manual_seed(1))
+    logits = torch.tensor([[1.0, 0.5, -0.5, 0.2, 0.1], [0.0, 2.0, 1.0, -1.0, 0.3], [0.4, 0.4, 0.9, 0.0, 0.0]])
+    got = per_sample_loss(logits, candidates)
+    positions = candidates.positions.tolist()
+    log_q = candidates.log_q.tolist()
+    expected = []
+    for row in range(3):
+        kept = [
+            logits[row, c].item() - log_q[c]
+            for c in range(len(positions))
+            if c == row or positions[c] != int(targets[row])
+        ]
+        positive = logits[row, row].item() - log_q[row]
+        expected.append(-positive + math.log(sum(math.exp(v) for v in kept)))
+    torch.testing.assert_close(got, torch.tensor(expected))
+
+
+# ----- mutual information -----------------------------------------------------------------------------
+
+
+def test_mutual_information_finds_a_planted_feature() -> None:
+    rng = np.random.default_rng(0)
+    n = 4000
+    noise = rng.integers(0, 6, size=(n, 5))
+    planted = rng.integers(0, 4, size=n)
+    labels = ((planted >= 2) ^ (rng.random(n) < 0.1)).astype(np.int64)  # 90% determined by the feature
+    features = np.column_stack([noise[:, :3], planted, noise[:, 3:]])
+    names = ["n0", "n1", "n2", "planted", "n3", "n4"]
+    chosen, scores = select_by_mutual_information(features, labels, names, beta=1)
+    assert chosen == [3]
+    assert set(scores) == set(names)
+    assert scores["planted"] > 10 * max(scores[n] for n in names if n != "planted")
+    chosen3, _ = select_by_mutual_information(features, labels, names, beta=3)
+    assert 3 in chosen3 and len(chosen3) == 3 and chosen3 == sorted(chosen3)
+
+
+def test_select_bias_features_on_synthetic_samples(world) -> None:
+    encoder, samples = world
+    probe = ColdWarmNet(encoder, SMALL)
+    user_names = list(USER_BIAS_CANDIDATES)
+    item_names = item_bias_candidate_names(encoder)
+    candidates = probe.item_scorer.bias_candidates
+    assert candidates.shape[1] == len(item_names)
+    for beta in (1, 4, 10):
+        selection = select_bias_features(samples, candidates, user_names, item_names, beta, seed=0)
+        assert len(selection.user_columns) + len(selection.item_columns) == min(
+            beta, len(user_names) + len(item_names)
+        )
+        assert all(0 <= c < len(user_names) for c in selection.user_columns)
+        assert all(0 <= c < len(item_names) for c in selection.item_columns)
+        assert selection.names == [user_names[c] for c in selection.user_columns] + [
+            item_names[c] for c in selection.item_columns
+        ]
+        assert set(selection.scores) == set(user_names) | set(item_names)
+        # The chosen ones are the highest-scoring.
+        chosen = set(selection.names)
+        lowest_chosen = min(selection.scores[n] for n in chosen)
+        assert all(selection.scores[n] <= lowest_chosen for n in selection.scores if n not in chosen)
+    # Activity is what separates positives from uniformly drawn users: the count must be informative.
+    ten = select_bias_features(samples, candidates, user_names, item_names, 10, seed=0)
+    assert "interaction_count" in ten.names
+
+
+# ----- the whole net's score ---------------------------------------------------------------------------
+
+
+def test_score_all_is_scaled_cosine_plus_both_biases(world) -> None:
+    encoder, samples = world
+    torch.manual_seed(2)
+    user_names = list(USER_BIAS_CANDIDATES)
+    net = ColdWarmNet(encoder, SMALL, user_bias_columns=[0, 4, 5], item_bias_columns=[0, 2, 3]).eval()
+    net.user_tower.attention.set_groups(torch.randn(SMALL.n_user_groups, SMALL.embedding_dim))
+    with torch.no_grad():
+        net.log_scale.fill_(math.log(3.7))
+    assert user_names[4] == "interaction_count"
+    profile, history, state, _ = samples.batch(torch.arange(0, len(samples), max(1, len(samples) // 40)))
+    # An empty-history user as well.
+    history[0] = 0
+    with torch.no_grad():
+        scores = net.score_all(profile, history, state)
+        e_u, b_u, _ = net.user_tower(profile, history, state)
+        e_i, b_i = net.item_scorer(torch.arange(net.n_items))
+        profile_f = net.user_tower.profile(profile)
+        raw_cold = net.user_tower.cold(profile_f)
+        raw_warm = net.user_tower.warm(
+            profile_f, net.user_tower.pooling(net.user_tower.item_inputs(history), history)
+        )
+        gate = net.user_tower.gate(state)
+        raw_item = net.item_scorer.tower(torch.arange(net.n_items))
+    mixed = gate[:, :1] * raw_cold + gate[:, 1:] * raw_warm
+    cosine = F.cosine_similarity(mixed.unsqueeze(1), raw_item.unsqueeze(0), dim=2)
+    expected = 3.7 * cosine + b_u.unsqueeze(1) + b_i.unsqueeze(0)
+    assert scores.shape == (len(profile), encoder.catalog_item_ids.shape[0])
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(e_u.norm(dim=1), torch.ones(len(e_u)))
+    torch.testing.assert_close(e_i.norm(dim=1), torch.ones(len(e_i)))
+    assert float(b_u.abs().max()) > 0 and float(b_u.std()) > 0  # user bias really takes part
+    assert float(b_i.std()) > 0
+
+
+def test_no_bias_net_means_zero_biases(world) -> None:
+    encoder, samples = world
+    net = ColdWarmNet(encoder, SMALL.model_copy(update={"use_bias_net": False}), [0, 1], [0, 1]).eval()
+    profile, history, state, _ = samples.batch(torch.arange(16))
+    with torch.no_grad():
+        _, b_u, _ = net.user_tower(profile, history, state)
+        _, b_i = net.all_items()
+    assert torch.all(b_u == 0) and torch.all(b_i == 0)
