@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from model.features import FeatureEncoder
-from model.nn.items import ItemInputEmbedding, ItemSideInputs, ItemTower
+from model.nn.items import ItemInputEmbedding, ItemSideInputs, item_tower_for
 from model.nn.layers import CategoricalEmbeddings, mlp
 from model.nn.two_tower import TwoTowerNet
 from model.settings import ModelConfig
@@ -70,13 +70,7 @@ class PooledUserTower(nn.Module):
 class NormalisedItemTower(nn.Module):
     def __init__(self, encoder: FeatureEncoder, items: ItemSideInputs, config: ModelConfig) -> None:
         super().__init__()
-        self.tower = ItemTower(
-            items,
-            config.embedding_dim,
-            config.feature_dim,
-            config.hidden_dim,
-            len(encoder.vocabularies["item_id"]),
-        )
+        self.tower = item_tower_for(encoder, items, config)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return F.normalize(self.tower(positions), dim=1), torch.zeros(

@@ -14,7 +14,7 @@ from model.nn.bias_net import SideBias
 from model.nn.experts import ActionPooling, ColdExpert, WarmExpert
 from model.nn.gate import StateGate
 from model.nn.group_attention import GroupAttention
-from model.nn.items import ItemInputEmbedding, ItemSideInputs, ItemTower
+from model.nn.items import ItemInputEmbedding, ItemSideInputs, item_tower_for
 from model.nn.layers import CategoricalEmbeddings
 from model.nn.two_tower import TwoTowerNet
 from model.settings import ModelConfig
@@ -93,13 +93,7 @@ class ItemScorer(nn.Module):
         item_bias_columns: list[int],
     ) -> None:
         super().__init__()
-        self.tower = ItemTower(
-            items,
-            config.embedding_dim,
-            config.feature_dim,
-            config.hidden_dim,
-            len(encoder.vocabularies["item_id"]),
-        )
+        self.tower = item_tower_for(encoder, items, config)
         self.register_buffer("bias_candidates", item_bias_candidate_matrix(items))
         cardinalities = [int(c) + 1 for c in self.bias_candidates.max(dim=0).values.tolist()]
         self.item_bias = SideBias(

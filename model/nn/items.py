@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.features import ItemFeatures
+from model.features import FeatureEncoder, ItemFeatures
 from model.nn.layers import mlp
+from model.settings import ModelConfig
 
 
 class ItemSideInputs(nn.Module):
@@ -66,3 +67,9 @@ class ItemTower(nn.Module):
             dim=1,
         )
         return self.ids(self.items.id_index[positions]) + self.side(side)
+
+
+def item_tower_for(encoder: FeatureEncoder, items: ItemSideInputs, config: ModelConfig) -> ItemTower:
+    """The item tower every model here uses, sized by the config and the item-id vocabulary."""
+    n_ids = len(encoder.vocabularies["item_id"])
+    return ItemTower(items, config.embedding_dim, config.feature_dim, config.hidden_dim, n_ids)
