@@ -207,6 +207,17 @@ def _artifacts_model_version(index_dir: Path) -> str | None:
     return json.loads(manifest.read_text()).get("model_version")
 
 
+def serving_settings(manifest: dict[str, Any], settings: IndexSettings) -> IndexSettings:
+    """The search breadth the index was built and measured with (its manifest), unless the operator set
+    one explicitly (COLDWARM_INDEX_NPROBE / COLDWARM_INDEX_EF_SEARCH): the recall in the manifest then
+    describes what is served."""
+    params = manifest.get("params", {})
+    recorded = {name: params[name] for name in ("nprobe", "ef_search") if name in params}
+    return settings.model_copy(
+        update={k: v for k, v in recorded.items() if k not in settings.model_fields_set}
+    )
+
+
 def load_index(
     path: Path, settings: IndexSettings | None = None, model_version: str | None = None
 ) -> tuple[faiss.Index, dict[str, Any]]:
@@ -229,6 +240,7 @@ def load_index(
             f"{index_dir}: index built for model {manifest.get('model_version')!r}, "
             f"served model is {expected!r}"
         )
+    settings = serving_settings(manifest, settings)
     try:
         index = read_index(index_dir / INDEX_FILE, settings)
     except (OSError, RuntimeError) as error:  # faiss reports a corrupt file as RuntimeError

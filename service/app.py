@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index_builder.settings import IndexSettings
@@ -21,6 +21,7 @@ from service.api import admin, health, recommend, users
 from service.engine import Recommender, ServingBundle, configure_threads, load_bundle
 from service.feature_store import FeatureStore, KeyLayout, MemoryFeatureStore
 from service.metrics import ServiceMetrics
+from service.middleware import RequestCounter
 from service.settings import ServiceSettings
 from service.state import ServiceState
 
@@ -108,18 +109,7 @@ def create_app(
             headers=getattr(error, "headers", None),
         )
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next) -> Response:  # noqa: ANN001
-        status = 500  # an exception escaping the app is answered with a 500 by the server
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            group = getattr(request.state, "user_group", "none")
-            endpoint = getattr(request.scope.get("route"), "path", "unmatched")
-            metrics.requests.labels(endpoint, str(status), group).inc()
-
+    app.add_middleware(RequestCounter, metrics=metrics)
     return app
 
 

@@ -24,7 +24,8 @@ class ServiceState:
     metrics: ServiceMetrics
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
+    # async: a plain def dependency would cost every request a hop through the thread pool.
     return request.app.state.coldwarm
 
 
