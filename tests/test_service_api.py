@@ -19,6 +19,7 @@ import redis
 from model.artifacts import MANIFEST_FILE, USER_TOWER_FILE
 from service.engine import ServingBundle, compute
 from service.feature_store import KeyLayout, UserRecord
+from service.schemas import RecommendResponse
 
 # Asserts in the shared helpers get pytest's messages too (they are imported before pytest_plugins).
 pytest.register_assert_rewrite("service_fixtures")
@@ -116,6 +117,7 @@ def test_recommend_answers_k_unseen_items_with_scores_gate_versions_and_latency(
         response = served.server.recommend(user_id=user_id, k=20)
         assert response.status_code == 200, response.text
         answer = response.json()
+        RecommendResponse.model_validate(answer)  # the body keeps the documented schema
         assert_well_formed(answer, 20, artifacts)
         assert answer["user_id"] == user_id
         assert answer["degraded"] is False and answer["degraded_reason"] is None
