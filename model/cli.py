@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from model.artifacts import data_fingerprint
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -35,7 +37,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Get and inspect data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("coldwarm")
 
 DEFAULT_RUN_DIR = Path("runs/latest")
@@ -67,28 +69,36 @@ def setup_logging() -> None:
 
 
 def fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(code=2)
 
 
 def make_settings(data: str | None, epochs: int | None, artifacts_dir: Path | None = None) -> Settings:
-    settings = Settings()
-    updates: dict = {}
-    if data is not None:
-        updates["data"] = data
-    if artifacts_dir is not None:
-        updates["artifacts_dir"] = artifacts_dir
-    if epochs is not None:
-        updates["train"] = settings.train.model_copy(update={"epochs": epochs})
-    settings = settings.model_copy(update=updates)
+    """The environment's settings with the command line's options on top, validated together."""
+    try:
+        settings = Settings()
+        overrides = settings.model_dump()
+        if data is not None:
+            overrides["data"] = data
+        if artifacts_dir is not None:
+            overrides["artifacts_dir"] = artifacts_dir
+        if epochs is not None:
+            overrides["train"]["epochs"] = epochs
+        settings = Settings.model_validate(overrides)
+    except ValidationError as error:
+        raise fail(f"invalid settings: {validation_summary(error)}") from error
     set_torch_threads(settings.train)
     return settings
+
+
+def validation_summary(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
 
 
 def load_data(settings: Settings, users: Path | None, items: Path | None) -> InteractionData:
     try:
         data = load_dataset(settings.data, users, items)
-    except (DataFormatError, FileNotFoundError) as error:
+    except (DataFormatError, FileNotFoundError, ValueError) as error:
         raise fail(str(error)) from error
     log.info(
         "loaded %s: %d interactions, %d users, %d items",
@@ -247,11 +257,12 @@ def run(
     setup_logging()
     started = time.perf_counter()
     settings = make_settings(data, epochs, artifacts_dir)
+    model_names = parse_models(models)  # before hours of training, not after
     loaded = load_data(settings, users, items)
     context = build_context(loaded, settings)
     trained = train_primary(context, settings)
     save_checkpoint(trained, run_dir / CHECKPOINT_FILE)
-    outcome = run_experiments(context, settings, parse_models(models), trained={PRIMARY_MODEL: trained})
+    outcome = run_experiments(context, settings, model_names, trained={PRIMARY_MODEL: trained})
     write_evaluation(outcome, loaded, run_dir / "report", time.perf_counter() - started)
     metrics = outcome.results[PRIMARY_MODEL].to_dict() if PRIMARY_MODEL in outcome.results else {}
     directory = export_model(trained, settings.artifacts_dir, data_fingerprint(loaded), loaded.name, metrics)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_fixtures import one_torch_thread
 
 from model.artifacts import (
     FEATURES_FILE,
@@ -58,7 +59,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     split = split_users(data)
     encoder = FeatureEncoder.fit(data, split.train, FeatureConfig(max_history=20))
     context = TrainingContext.build(data, split, encoder)
-    trained = fit_cold_warm_net(context, MODEL_CONFIG, TRAIN_CONFIG, progress=False)
+    with one_torch_thread():
+        trained = fit_cold_warm_net(context, MODEL_CONFIG, TRAIN_CONFIG, progress=False)
     root = tmp_path_factory.mktemp("artifacts")
     directory = export_model(trained, root, data_fingerprint(data), data.name, {"recall@50": 0.5})
     # Real test users at several history lengths (h = 0 included), then one unknown user with
@@ -248,6 +250,17 @@ def test_inconsistent_item_arrays_are_an_artifact_error(exported: Exported, tmp_
         item_ids, embeddings, bias = arrays["item_ids"], arrays["embeddings"], arrays["bias"]
     np.savez(directory / ITEMS_FILE, item_ids=item_ids, embeddings=embeddings[:-1], bias=bias)
     with pytest.raises(ArtifactError, match="disagree") as raised:
+        load_artifacts(directory)
+    assert str(directory) in str(raised.value)
+
+
+def test_tampered_file_is_an_artifact_error(exported: Exported, tmp_path: Path) -> None:
+    """Same shapes, other values: only the content hash against model_version can tell."""
+    directory = corrupt_copy(exported, tmp_path)
+    with np.load(directory / ITEMS_FILE) as arrays:
+        item_ids, embeddings, bias = arrays["item_ids"], arrays["embeddings"], arrays["bias"]
+    np.savez(directory / ITEMS_FILE, item_ids=item_ids, embeddings=embeddings, bias=bias + 1.0)
+    with pytest.raises(ArtifactError, match="does not match model_version") as raised:
         load_artifacts(directory)
     assert str(directory) in str(raised.value)
 

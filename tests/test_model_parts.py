@@ -24,7 +24,8 @@ from model.nn.cold_warm_net import (
 from model.nn.gate import StateGate
 from model.nn.group_attention import GroupAttention
 from model.samples import TrainingSamples, UserSequences, build_training_samples
-from model.settings import FeatureConfig, ModelConfig
+from model.settings import FeatureConfig, ModelConfig, TrainConfig
+from model.train import user_bias_candidates
 
 SMALL = ModelConfig(embedding_dim=8, hidden_dim=16, feature_dim=4, n_user_groups=5, bias_features=6)
 
@@ -295,6 +296,43 @@ def test_select_bias_features_on_synthetic_samples(world) -> None:
     # Activity is what separates positives from uniformly drawn users: the count must be informative.
     ten = select_bias_features(samples, candidates, user_names, item_names, 10, seed=0)
     assert "interaction_count" in ten.names
+
+
+def test_select_bias_features_without_user_names_picks_item_columns_only(world) -> None:
+    encoder, samples = world
+    candidates = ColdWarmNet(encoder, SMALL).item_scorer.bias_candidates
+    item_names = item_bias_candidate_names(encoder)
+    selection = select_bias_features(samples, candidates, [], item_names, 4, seed=0)
+    assert selection.user_columns == []
+    assert len(selection.item_columns) == 4
+    assert selection.names == [item_names[c] for c in selection.item_columns]
+    assert set(selection.scores) == set(item_names)
+    # The item side ranks the same as when chosen alongside the user side.
+    both = select_bias_features(samples, candidates, list(USER_BIAS_CANDIDATES), item_names, 40, seed=0)
+    ranked = sorted(item_names, key=lambda n: -both.scores[n])
+    assert set(selection.names) == set(ranked[:4])
+
+
+def test_user_bias_candidates_only_under_bce() -> None:
+    assert user_bias_candidates(TrainConfig(loss="bce")) == list(USER_BIAS_CANDIDATES)
+    assert user_bias_candidates(TrainConfig(loss="sampled_softmax")) == []
+
+
+def test_a_per_user_constant_gets_no_gradient_under_softmax_but_does_under_bce() -> None:
+    """Why the user bias is BCE-only: a softmax over one user's candidates is invariant to b_u."""
+    torch.manual_seed(0)
+    n_items, batch = 30, 6
+    targets = torch.tensor([1, 4, 4, 9, 0, 17])  # a duplicate target: masked columns too
+    item_log_q = torch.log(torch.full((n_items,), 1.0 / n_items))
+    softmax = softmax_candidates(targets, 8, n_items, item_log_q, torch.Generator().manual_seed(0))
+    b_u = torch.randn(batch, requires_grad=True)
+    logits = torch.randn(batch, batch + 8) + b_u.unsqueeze(1)
+    per_sample_loss(logits, softmax).sum().backward()
+    assert float(b_u.grad.abs().max()) < 1e-6
+    b_u = torch.randn(batch, requires_grad=True)
+    bce = bce_candidates(targets, 4, n_items, torch.Generator().manual_seed(0))
+    per_sample_loss(torch.randn(batch, 5) + b_u.unsqueeze(1), bce).sum().backward()
+    assert float(b_u.grad.abs().min()) > 1e-3
 
 
 # ----- the whole net's score ---------------------------------------------------------------------------

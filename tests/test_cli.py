@@ -1,0 +1,282 @@
+"""The ``coldwarm`` command line: help, one-line errors with exit code 2, and the whole offline job
+(``run``) on a small synthetic data set, configured through COLDWARM_ environment variables."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from model_fixtures import one_torch_thread
+from typer.testing import CliRunner
+
+from model.artifacts import LATEST_FILE, MANIFEST_FILE, data_fingerprint, load_artifacts
+from model.checkpoint import load_checkpoint
+from model.cli import app
+from model.data.synthetic import generate_synthetic
+from model.evaluation.protocol import GROUP_NAMES
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+
+SMALL_ENV = {
+    "COLDWARM_TRAIN__PRETRAIN_EPOCHS": "1",
+    "COLDWARM_TRAIN__BATCH_SIZE": "256",
+    "COLDWARM_TRAIN__SHARED_NEGATIVES": "256",
+    "COLDWARM_MODEL__EMBEDDING_DIM": "16",
+    "COLDWARM_MODEL__HIDDEN_DIM": "32",
+    "COLDWARM_MODEL__N_USER_GROUPS": "8",
+}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No COLDWARM_ setting from the surrounding shell leaks into a test."""
+    for name in [n for n in os.environ if n.startswith("COLDWARM_")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Fresh environment and working directory, one torch thread; the CLI's logging setup is undone
+    afterwards."""
+    clean_environment(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    with one_torch_thread():
+        yield
+    root.handlers[:], root.level = handlers, level
+
+
+def invoke(*args: str | Path):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()]
+
+
+def unwrapped(output: str) -> str:
+    """The output with line breaks removed, so that a message wrapped by the console reads whole."""
+    return "".join(output.splitlines())
+
+
+# ----- help ---------------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_command() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("train", "evaluate", "export", "run", "data"):
+        assert command in result.output
+    data_help = invoke("data", "--help")
+    assert data_help.exit_code == 0 and "fetch" in data_help.output
+
+
+def test_console_script_entry_point() -> None:
+    script = Path(sys.executable).with_name("coldwarm")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "model.cli"]
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "train" in result.stdout and "export" in result.stdout
+
+
+# ----- errors -------------------------------------------------------------------------------------------
+
+
+def test_fetch_with_a_nonexistent_path_is_a_one_line_error() -> None:
+    result = invoke("data", "fetch", "movielens-1m", "--path", "missing.zip")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    lines = error_lines(result.output)
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error:") and "missing.zip does not exist" in lines[0]
+
+
+def test_fetch_of_an_unknown_data_set_is_an_error() -> None:
+    result = invoke("data", "fetch", "movielens-20m")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert "unknown data set 'movielens-20m'" in result.output
+
+
+def test_train_with_a_missing_data_file_names_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "ratings.csv"
+    result = invoke("train", "--data", missing, "--run-dir", tmp_path / "run")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert str(missing) in unwrapped(result.output)
+    assert result.output.startswith("error:")
+    assert not (tmp_path / "run").exists()
+
+
+def test_export_without_a_checkpoint_is_an_error(tmp_path: Path) -> None:
+    result = invoke("export", "--run-dir", tmp_path / "empty", "--artifacts-dir", tmp_path / "a")
+    assert result.exit_code == 2
+    assert str(tmp_path / "empty" / "checkpoint.pt") + " does not exist" in unwrapped(result.output)
+    assert not (tmp_path / "a").exists()
+
+
+# Error handling of the command line: one line, exit code 2, nothing half-done.
+
+
+@pytest.mark.parametrize("command", ["fetch", "train"])
+def test_long_error_messages_stay_on_one_line(tmp_path: Path, command: str) -> None:
+    # Longer than any console is wide, whatever COLUMNS says.
+    missing = tmp_path / ("long-directory-name-" * 12) / "ml-1m.zip"
+    if command == "fetch":
+        result = invoke("data", "fetch", "movielens-1m", "--path", missing)
+    else:
+        result = invoke("train", "--data", missing)
+    assert result.exit_code == 2
+    assert len(error_lines(result.output)) == 1, result.output
+
+
+@pytest.mark.parametrize("name", ["[raw]", "a[/]b"])
+def test_error_message_names_a_path_with_brackets_verbatim(tmp_path: Path, name: str) -> None:
+    missing = Path("data") / name / "ratings.csv"
+    result = invoke("train", "--data", missing)
+    assert result.exit_code == 2
+    assert str(missing) in result.output
+
+
+@pytest.mark.parametrize(
+    "args", [["--data", "synthetic:abc"], ["--data", "synthetic", "--users", "users.csv"]]
+)
+def test_bad_data_arguments_are_one_line_errors(args: list[str]) -> None:
+    result = invoke("train", *args)
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_invalid_environment_setting_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLDWARM_TRAIN__EPOCHS", "0")
+    result = invoke("train", "--data", "synthetic:60")
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_zero_epochs_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SMALL_ENV.items():
+        monkeypatch.setenv(name, value)
+    # TrainConfig.epochs is ge=1: nothing may be trained or saved.
+    result = invoke("train", "--data", "synthetic:60", "--epochs", "0", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 2
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_run_rejects_unknown_models_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in SMALL_ENV.items():
+        monkeypatch.setenv(name, value)
+    run_dir = tmp_path / "run"
+    result = invoke(
+        "run", "--data", "synthetic:60", "--epochs", "1", "--run-dir", run_dir, "--models", "nope"
+    )
+    assert result.exit_code == 2
+    assert "unknown model(s) nope" in result.output
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
+# ----- the whole job ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOutput:
+    run_dir: Path
+    artifacts_dir: Path
+    output: str
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> RunOutput:
+    base = tmp_path_factory.mktemp("cli-run")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    with pytest.MonkeyPatch.context() as monkeypatch, one_torch_thread():
+        clean_environment(monkeypatch)
+        monkeypatch.chdir(base)
+        for name, value in SMALL_ENV.items():
+            monkeypatch.setenv(name, value)
+        result = invoke(
+            "run",
+            "--data",
+            "synthetic:300",
+            "--epochs",
+            "1",
+            "--run-dir",
+            base / "run",
+            "--artifacts-dir",
+            base / "artifacts",
+            "--models",
+            "cold_warm_net,most_popular",
+        )
+    root.handlers[:], root.level = handlers, level
+    assert result.exit_code == 0, (result.output, result.exception)
+    return RunOutput(base / "run", base / "artifacts", result.output)
+
+
+def test_run_writes_a_checkpoint_with_the_environments_settings(job: RunOutput) -> None:
+    trained = load_checkpoint(job.run_dir / "checkpoint.pt")
+    assert trained.name == "cold_warm_net"
+    assert trained.model_config.embedding_dim == 16
+    assert trained.model_config.hidden_dim == 32
+    assert trained.model_config.n_user_groups == 8
+    assert trained.train_config.epochs == 1  # --epochs beats the default of 8
+    assert trained.train_config.pretrain_epochs == 1
+    assert trained.train_config.batch_size == 256
+    assert len(trained.epochs) == 1
+
+
+def test_run_writes_the_report(job: RunOutput) -> None:
+    report_dir = job.run_dir / "report"
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["dataset"] == "synthetic:300"
+    assert set(report["results"]) == {"cold_warm_net", "most_popular"}
+    for name, result in report["results"].items():
+        assert set(result["groups"]) == set(GROUP_NAMES), name
+        assert all(result["points"][g] > 0 for g in GROUP_NAMES), name
+        for metrics in result["groups"].values():
+            assert 0.0 <= metrics["recall@50"] <= 1.0 and 0.0 <= metrics["ndcg@50"] <= 1.0
+    assert report["results"]["cold_warm_net"]["points"] == report["results"]["most_popular"]["points"]
+    for png in ("cold_start_curve.png", "group_bars.png"):
+        content = (report_dir / png).read_bytes()
+        assert content.startswith(PNG_MAGIC) and len(content) > 1000, png
+    markdown = (report_dir / "report.md").read_text()
+    assert "cold_warm_net" in markdown and "most_popular" in markdown
+    # The table is printed too.
+    assert "most_popular" in job.output
+
+
+def test_run_exports_a_version_named_in_latest(job: RunOutput) -> None:
+    version = (job.artifacts_dir / LATEST_FILE).read_text().strip()
+    directory = job.artifacts_dir / version
+    assert directory.is_dir()
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    assert manifest["model_version"] == version
+    assert manifest["dataset"] == "synthetic:300"
+    assert manifest["data_fingerprint"] == data_fingerprint(generate_synthetic(n_users=300))
+    assert manifest["model_config"]["embedding_dim"] == 16
+    report = json.loads((job.run_dir / "report" / "report.json").read_text())
+    assert manifest["metrics"]["groups"] == report["results"]["cold_warm_net"]["groups"]
+    artifacts = load_artifacts(job.artifacts_dir)
+    assert artifacts.version == version
+    assert artifacts.items.embeddings.shape[1] == 16
+
+
+def test_export_of_the_runs_checkpoint_reproduces_the_version(job: RunOutput, tmp_path: Path) -> None:
+    result = invoke(
+        "export", "--run-dir", job.run_dir, "--data", "synthetic:300", "--artifacts-dir", tmp_path / "again"
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    again = (tmp_path / "again" / LATEST_FILE).read_text().strip()
+    assert again == (job.artifacts_dir / LATEST_FILE).read_text().strip()
+    manifest = json.loads((tmp_path / "again" / again / MANIFEST_FILE).read_text())
+    report = json.loads((job.run_dir / "report" / "report.json").read_text())
+    # export reads the metrics from the run's report.json.
+    assert manifest["metrics"]["groups"] == report["results"]["cold_warm_net"]["groups"]

@@ -1,0 +1,88 @@
+"""End to end on synthetic data: Cold & Warm Net learns something popularity cannot, reproducibly.
+
+The synthetic generator builds taste from the profile and sequential locality from the history, so a
+model that uses both must beat most-popular once users have some history (the warm-up group).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from model_fixtures import one_torch_thread
+
+from model.data.split import split_users
+from model.data.synthetic import generate_synthetic
+from model.experiments import ExperimentOutcome, run_experiments
+from model.features import FeatureEncoder
+from model.settings import ModelConfig, Settings, TrainConfig
+from model.train import TrainingContext, fit_cold_warm_net
+
+pytestmark = pytest.mark.slow
+
+MODEL = ModelConfig(embedding_dim=32, hidden_dim=64)
+TRAIN = TrainConfig(epochs=3, pretrain_epochs=1, batch_size=256)
+
+
+def context_for(n_users: int, n_items: int, seed: int) -> TrainingContext:
+    data = generate_synthetic(n_users=n_users, n_items=n_items, seed=seed)
+    split = split_users(data)
+    settings = Settings()
+    return TrainingContext.build(data, split, FeatureEncoder.fit(data, split.train, settings.features))
+
+
+@pytest.fixture(scope="module")
+def outcome() -> ExperimentOutcome:
+    context = context_for(800, 300, seed=0)
+    settings = Settings(model=MODEL, train=TRAIN)
+    with one_torch_thread():
+        return run_experiments(context, settings, ["cold_warm_net", "most_popular"], progress=False)
+
+
+def test_cold_warm_net_beats_most_popular_on_warm_up_users(outcome: ExperimentOutcome) -> None:
+    cwn, popular = outcome.results["cold_warm_net"], outcome.results["most_popular"]
+    assert cwn.points == popular.points  # the same test points
+    assert cwn.points["warm_up"] >= 80
+    cwn_recall = cwn.groups["warm_up"]["recall@50"]
+    popular_recall = popular.groups["warm_up"]["recall@50"]
+    # Warm-up R@50, Cold & Warm Net / most-popular, seen on data seeds 0-5 (train seed 0): 0.535/0.460,
+    # 0.548/0.423, 0.552/0.447, 0.487/0.355, 0.485/0.433, 0.518/0.495; on data seed 0 with train
+    # seeds 1-4 the net gives 0.518-0.545.
+    assert cwn_recall > popular_recall + 0.02, (cwn_recall, popular_recall)
+    assert cwn.groups["warm_up"]["ndcg@50"] > popular.groups["warm_up"]["ndcg@50"]
+
+
+def test_training_records_and_early_stopping_bookkeeping(outcome: ExperimentOutcome) -> None:
+    trained = outcome.trained["cold_warm_net"]
+    epochs = trained.epochs
+    assert 1 <= len(epochs) <= TRAIN.epochs
+    assert [e["epoch"] for e in epochs] == list(range(1, len(epochs) + 1))
+    for record in epochs:
+        assert math.isfinite(record["loss"]) and record["loss"] > 0
+        assert 0.0 <= record["distilled"] <= 1.0  # fraction of samples distilled (DKD on)
+        assert 0.0 < record["validation"] <= 1.0
+    assert epochs[-1]["loss"] < epochs[0]["loss"]
+    assert not trained.net.training
+    assert trained.bias_features is not None and 1 <= len(trained.bias_features.names) <= MODEL.bias_features
+
+
+def fit_once(context: TrainingContext, seed: int):
+    train = TRAIN.model_copy(update={"epochs": 1, "seed": seed})
+    model = MODEL.model_copy(update={"n_user_groups": 8})
+    with one_torch_thread():
+        return fit_cold_warm_net(context, model, train, progress=False)
+
+
+def test_training_is_reproducible() -> None:
+    context = context_for(300, 150, seed=3)
+    first, second = fit_once(context, seed=0), fit_once(context, seed=0)
+    assert first.epochs[0]["validation"] == second.epochs[0]["validation"]
+    assert first.epochs == second.epochs  # loss and distilled fraction too, exactly
+    assert first.bias_features == second.bias_features
+    for (name, a), (_, b) in zip(
+        first.net.state_dict().items(), second.net.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    other = fit_once(context, seed=1)
+    assert other.epochs[0]["loss"] != first.epochs[0]["loss"]
