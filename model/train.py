@@ -129,10 +129,14 @@ def training_step(
     loss = losses.mean()
     distilled = 0.0
     if use_dkd:
-        cold_logits = candidate_logits(e_cold, b_u, e_i, b_i, scale, per_sample)
-        warm_logits = candidate_logits(e_warm, b_u, e_i, b_i, scale, per_sample)
-        cold_loss = per_sample_loss(cold_logits, candidates)
-        warm_loss = per_sample_loss(warm_logits, candidates)
+        # Only the cold expert learns from the distillation: items, biases and the scale are fixed
+        # here, or the gap would also be closed by flattening every score (a smaller scale).
+        fixed_items, fixed_bias, fixed_scale = e_i.detach(), b_i.detach(), scale.detach()
+        cold_logits = candidate_logits(e_cold, b_u.detach(), fixed_items, fixed_bias, fixed_scale, per_sample)
+        with torch.no_grad():
+            warm_logits = candidate_logits(e_warm, b_u, fixed_items, fixed_bias, fixed_scale, per_sample)
+            cold_loss = per_sample_loss(cold_logits, candidates)
+            warm_loss = per_sample_loss(warm_logits, candidates)
         loss = loss + alpha * distillation_loss(cold_logits, warm_logits, cold_loss, warm_loss)
         distilled = float((cold_loss > warm_loss).float().mean())
     return loss, distilled

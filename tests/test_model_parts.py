@@ -25,7 +25,7 @@ from model.nn.gate import StateGate
 from model.nn.group_attention import GroupAttention
 from model.samples import TrainingSamples, UserSequences, build_training_samples
 from model.settings import FeatureConfig, ModelConfig, TrainConfig
-from model.train import user_bias_candidates
+from model.train import item_log_frequencies, training_step, user_bias_candidates
 
 SMALL = ModelConfig(embedding_dim=8, hidden_dim=16, feature_dim=4, n_user_groups=5, bias_features=6)
 
@@ -380,3 +380,32 @@ def test_no_bias_net_means_zero_biases(world) -> None:
         _, b_u, _ = net.user_tower(profile, history, state)
         _, b_i = net.all_items()
     assert torch.all(b_u == 0) and torch.all(b_i == 0)
+
+
+# ----- distillation inside a training step --------------------------------------------------------
+
+
+def distillation_gradients(world, alpha: float) -> dict[str, torch.Tensor]:
+    """Gradients of one training step's loss with DKD weight ``alpha``, same batch and candidates."""
+    encoder, samples = world
+    torch.manual_seed(0)
+    net = ColdWarmNet(encoder, SMALL, [], [0, 1])
+    batch = samples.batch(torch.arange(64))
+    config = TrainConfig(shared_negatives=32)
+    log_q = item_log_frequencies(samples, net.n_items)
+    loss, _ = training_step(net, batch, config, True, alpha, log_q, torch.Generator().manual_seed(1))
+    loss.backward()
+    return {
+        name: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        for name, p in net.named_parameters()
+    }
+
+
+def test_distillation_moves_only_the_cold_expert(world) -> None:
+    """The difference between a step with and without the distillation term is its own gradient."""
+    without, with_dkd = distillation_gradients(world, 0.0), distillation_gradients(world, 10.0)
+    moved = {name for name in without if not torch.allclose(without[name], with_dkd[name], atol=1e-7)}
+    assert moved, "the distillation term had no effect at all"
+    # The cold expert's own layers (and the profile embeddings that feed it) are what it may move.
+    assert all(name.startswith(("user_tower.cold.", "user_tower.profile.")) for name in moved), sorted(moved)
+    assert any(name.startswith("user_tower.cold.") for name in moved)

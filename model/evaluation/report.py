@@ -106,10 +106,10 @@ def plot_cold_start_curve(
     hs = sorted({h for r in results.values() for h in r.curve})
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
     _shade_groups(ax, hs)
-    for name, result in results.items():
+    for n, (name, result) in enumerate(results.items()):
         xs = [i for i, h in enumerate(hs) if h in result.curve]
         ys = [result.curve[hs[i]][metric] for i in xs]
-        ax.plot(xs, ys, marker="o", linewidth=1.8, markersize=4, label=name, zorder=3)
+        ax.plot(xs, ys, linewidth=1.8, markersize=4, label=name, zorder=3, **_line_style(n))
     ax.set_xticks(range(len(hs)), [str(h) for h in hs])
     ax.set_xlim(-0.5, len(hs) - 0.5)
     ax.set_xlabel("history length h (interactions before the request)")
@@ -134,7 +134,14 @@ def plot_group_bars(
     for j, name in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
         ys = [_value(results[name], g, metric) for g in groups]
-        bars = ax.bar(xs, [0.0 if math.isnan(y) else y for y in ys], width * 0.95, label=name, zorder=3)
+        bars = ax.bar(
+            xs,
+            [0.0 if math.isnan(y) else y for y in ys],
+            width * 0.95,
+            label=name,
+            zorder=3,
+            color=_line_style(j)["color"],
+        )
         labels = ["–" if math.isnan(y) else f"{y:.3f}" for y in ys]
         ax.bar_label(bars, labels=labels, fontsize=7, padding=2, rotation=90 if len(names) > 3 else 0)
     ax.set_xticks(range(len(groups)), [_group_header(results, g) for g in groups])
@@ -144,6 +151,13 @@ def plot_group_bars(
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=9)
     ax.set_title(f"{metric} per user group (points per group in brackets)")
     return _save(fig, path)
+
+
+def _line_style(n: int) -> dict[str, Any]:
+    """Distinct colour and marker per model: the default cycle repeats after ten models."""
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xh<>"
+    return {"color": colours[(2 * n) % 20 + (n // 10) % 2], "marker": markers[n % len(markers)]}
 
 
 def _save(fig: Any, path: str | Path) -> Path:
