@@ -27,9 +27,10 @@ from model.train import TrainedModel, TrainingContext, fit_cold_warm_net, fit_tw
 log = logging.getLogger(__name__)
 
 PRIMARY_MODEL = "cold_warm_net"
-# Ablations: the switches of ModelConfig each variant turns off.
+# Ablations: the switches of ModelConfig each variant flips against the default configuration
+# (distillation is off by default, so its variant turns it on).
 ABLATIONS: dict[str, dict[str, bool]] = {
-    "no_dkd": {"use_dkd": False},
+    "with_dkd": {"use_dkd": True},
     "no_bias_net": {"use_bias_net": False},
     "no_group_attention": {"use_group_attention": False},
     "cold_expert_only": {"use_warm_expert": False},
