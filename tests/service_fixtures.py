@@ -151,17 +151,6 @@ def users_by_length(data: InteractionData) -> pd.Series:
 
 
 # ----- Redis --------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def redis_client() -> Iterator[redis.Redis]:
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_timeout=2.0)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis on {REDIS_HOST}:{REDIS_PORT} ({exc})")
-    yield client
-    client.close()
-
-
 def delete_namespace(client: redis.Redis, layout: KeyLayout) -> None:
     keys = list(client.scan_iter(match=layout.pattern(), count=1000))
     if keys:

@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -744,7 +743,7 @@ def test_trainer_script_fails_when_redis_is_down(stub_trainer: Any) -> None:
 
 
 # ----- the trainer and api commands of docker-compose.yml, run here ---------------------------------
-def test_redis_command_runs_with_the_local_redis_server(tmp_path: Path) -> None:
+def test_redis_command_runs_with_the_redis_client_server(tmp_path: Path) -> None:
     """The compose redis command, default and with persistence on, on a local redis-server."""
     server = shutil.which("redis-server")
     if server is None:
@@ -775,17 +774,6 @@ def test_redis_command_runs_with_the_local_redis_server(tmp_path: Path) -> None:
         finally:
             process.terminate()
             process.wait(timeout=10)
-
-
-@pytest.fixture()
-def local_redis() -> Iterator[redis.Redis]:
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as error:
-        pytest.skip(f"no Redis on {REDIS_HOST}:{REDIS_PORT} ({error})")
-    yield client
-    client.close()
 
 
 class Container:
@@ -841,7 +829,7 @@ class Container:
 
 
 @pytest.mark.slow
-def test_trainer_then_api_commands_from_compose(tmp_path: Path, local_redis: redis.Redis) -> None:
+def test_trainer_then_api_commands_from_compose(tmp_path: Path, redis_client: redis.Redis) -> None:
     from model.data.loading import load_dataset
     from service.feature_store import KeyLayout
 
@@ -873,7 +861,7 @@ def test_trainer_then_api_commands_from_compose(tmp_path: Path, local_redis: red
         assert (Path(env["COLDWARM_RUN_DIR"]) / "report" / "report.json").is_file()
         data = load_dataset(TEST_DATA)
         user_keys = [
-            k for k in local_redis.scan_iter(match=layout.pattern(), count=1000) if k.endswith(b":user")
+            k for k in redis_client.scan_iter(match=layout.pattern(), count=1000) if k.endswith(b":user")
         ]
         assert len(user_keys) == data.users["user_id"].nunique()
 
@@ -936,6 +924,6 @@ def test_trainer_then_api_commands_from_compose(tmp_path: Path, local_redis: red
         if api_process is not None and api_process.poll() is None:
             api_process.kill()
             api_process.wait(timeout=30)
-        keys = list(local_redis.scan_iter(match=layout.pattern(), count=1000))
+        keys = list(redis_client.scan_iter(match=layout.pattern(), count=1000))
         if keys:
-            local_redis.delete(*keys)
+            redis_client.delete(*keys)

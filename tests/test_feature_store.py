@@ -46,24 +46,13 @@ T = TypeVar("T")
 
 
 # ----- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def sync_redis() -> Iterator[redis.Redis]:
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, socket_timeout=2.0)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis on {REDIS_HOST}:{REDIS_PORT} ({exc}); .ci/run starts one")
-    yield client
-    client.close()
-
-
 @pytest.fixture()
-def layout(sync_redis: redis.Redis) -> Iterator[KeyLayout]:
+def layout(redis_client: redis.Redis) -> Iterator[KeyLayout]:
     layout = KeyLayout(prefix=f"coldwarm-test-{uuid.uuid4().hex}")
     yield layout
-    keys = list(sync_redis.scan_iter(match=layout.pattern(), count=1000))
+    keys = list(redis_client.scan_iter(match=layout.pattern(), count=1000))
     if keys:
-        sync_redis.delete(*keys)
+        redis_client.delete(*keys)
 
 
 class Backend:
@@ -105,7 +94,7 @@ class Backend:
 def backend(request: pytest.FixtureRequest) -> Backend:
     if request.param == "memory":
         return Backend("memory")
-    return Backend("redis", request.getfixturevalue("layout"), request.getfixturevalue("sync_redis"))
+    return Backend("redis", request.getfixturevalue("layout"), request.getfixturevalue("redis_client"))
 
 
 # ----- data ----------------------------------------------------------------------------------------
@@ -377,11 +366,11 @@ def redis_snapshot(client: redis.Redis, layout: KeyLayout) -> dict[bytes, object
     return out
 
 
-def test_bulk_load_redis_content(sync_redis: redis.Redis, layout: KeyLayout) -> None:
+def test_bulk_load_redis_content(redis_client: redis.Redis, layout: KeyLayout) -> None:
     data = tiny_data()
-    stats = bulk_load(sync_redis, layout, data, cap=CAP, progress=False)
+    stats = bulk_load(redis_client, layout, data, cap=CAP, progress=False)
     assert (stats.users, stats.actions) == (3, CAP + 1)
-    content = redis_snapshot(sync_redis, layout)
+    content = redis_snapshot(redis_client, layout)
     assert content == {
         layout.user_key(1).encode(): {
             b"gender": b"F", b"age": b"25", b"occupation": b"4", b"zip_code": b"55455",
@@ -398,21 +387,23 @@ def test_bulk_load_redis_content(sync_redis: redis.Redis, layout: KeyLayout) -> 
         },
     }  # fmt: skip
     # Over a store changed since (stale fields, longer lists), a reload restores exactly this content.
-    sync_redis.hset(layout.user_key(3), mapping={"gender": "M", "first_ts": "1", "age": "x"})
-    sync_redis.rpush(layout.actions_key(1), *range(10))
-    again = bulk_load(sync_redis, layout, data, cap=CAP, user_ids=[1, 2, 3, 77], batch_size=2, progress=False)
+    redis_client.hset(layout.user_key(3), mapping={"gender": "M", "first_ts": "1", "age": "x"})
+    redis_client.rpush(layout.actions_key(1), *range(10))
+    again = bulk_load(
+        redis_client, layout, data, cap=CAP, user_ids=[1, 2, 3, 77], batch_size=2, progress=False
+    )
     assert again.users == 3
-    assert redis_snapshot(sync_redis, layout) == content
+    assert redis_snapshot(redis_client, layout) == content
 
 
-def test_malformed_stored_fields_do_not_raise(sync_redis: redis.Redis, layout: KeyLayout) -> None:
-    sync_redis.hset(
+def test_malformed_stored_fields_do_not_raise(redis_client: redis.Redis, layout: KeyLayout) -> None:
+    redis_client.hset(
         layout.user_key(13),
         mapping={"count": "lots", "first_ts": "1.5e9", "last_ts": "", "gender": b"\xff\xfe", "age": "30"},
     )
-    sync_redis.rpush(layout.actions_key(13), "12", "x", "-3", "7 ", "40")
-    sync_redis.set(layout.user_key(14), "not a hash")  # a key of the wrong type
-    backend = Backend("redis", layout, sync_redis)
+    redis_client.rpush(layout.actions_key(13), "12", "x", "-3", "7 ", "40")
+    redis_client.set(layout.user_key(14), "not a hash")  # a key of the wrong type
+    backend = Backend("redis", layout, redis_client)
 
     async def scenario(store: FeatureStore) -> tuple[list[UserRecord], UserRecord]:
         records = await store.get_users([13, 14])
@@ -482,7 +473,7 @@ def test_exhausted_connection_pool_raises_feature_store_error(layout: KeyLayout)
 
 
 def test_create_client_fails_fast_and_survives_a_dropped_connection(
-    sync_redis: redis.Redis, layout: KeyLayout
+    redis_client: redis.Redis, layout: KeyLayout
 ) -> None:
     async def refused() -> float:
         client = create_client(f"redis://{REDIS_HOST}:1/0", timeout_s=2.0)
@@ -499,7 +490,7 @@ def test_create_client_fails_fast_and_survives_a_dropped_connection(
         try:
             await store.record_event(1, 2, 3)
             # What a Redis restart or an idle timeout does to a pooled connection.
-            sync_redis.client_kill_filter(_id=await client.client_id())
+            redis_client.client_kill_filter(_id=await client.client_id())
             return await store.get_users([1])
         finally:
             await client.aclose()

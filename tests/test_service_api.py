@@ -37,7 +37,7 @@ from service_fixtures import (  # noqa: E402
     users_by_length,
 )
 
-# The shared fixtures (serving_artifacts, bundle_a, redis_client, key_prefix), registered once per session.
+# The shared fixtures (serving_artifacts, bundle_a, key_prefix; redis_client from conftest.py).
 pytest_plugins = ["service_fixtures"]
 
 UNKNOWN_USER = 10**12  # far outside the synthetic ids 1..300
