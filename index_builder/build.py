@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -40,7 +39,14 @@ from index_builder.faiss_index import (
 from index_builder.recall import recall_at_k, sample_user_queries, synthetic_queries
 from index_builder.settings import IndexSettings
 from index_builder.vectors import fold_bias
-from model.artifacts import LATEST_FILE, MANIFEST_FILE, ArtifactError, load_artifacts, resolve_version_dir
+from model.artifacts import (
+    LATEST_FILE,
+    MANIFEST_FILE,
+    ArtifactError,
+    load_artifacts,
+    resolve_version_dir,
+    write_latest,
+)
 from model.data.schema import InteractionData
 
 logger = logging.getLogger(__name__)
@@ -74,13 +80,6 @@ def index_version(index_file: Path, params: dict[str, Any]) -> str:
     return digest.hexdigest()[:12]
 
 
-def _write_latest(root: Path, version: str) -> None:
-    # Readers must never see a half-written LATEST, so write beside it and rename over it.
-    temporary = root / f".{LATEST_FILE}.{os.getpid()}"
-    temporary.write_text(version + "\n")
-    os.replace(temporary, root / LATEST_FILE)
-
-
 def _publish(root: Path, index: faiss.Index, manifest: dict[str, Any]) -> Path:
     """Writes index + manifest into a staging directory, renames it to its version, points LATEST at it."""
     root.mkdir(parents=True, exist_ok=True)
@@ -100,7 +99,7 @@ def _publish(root: Path, index: faiss.Index, manifest: dict[str, Any]) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _write_latest(root, version)
+    write_latest(root, version)
     return target
 
 
@@ -218,6 +217,18 @@ def serving_settings(manifest: dict[str, Any], settings: IndexSettings) -> Index
     )
 
 
+def check_index_file(index_dir: Path, manifest: dict[str, Any]) -> None:
+    """The index file is the one its manifest was written for: its version is a hash of it."""
+    if not (index_dir / INDEX_FILE).is_file():
+        raise IndexArtifactError(f"{index_dir}: missing {INDEX_FILE}")
+    params = {"type": manifest.get("type"), **(manifest.get("params") or {})}
+    if index_version(index_dir / INDEX_FILE, params) != manifest.get("index_version"):
+        raise IndexArtifactError(
+            f"{index_dir}: {INDEX_FILE} does not match index_version {manifest.get('index_version')!r} "
+            f"in {INDEX_MANIFEST_FILE} (damaged or replaced)"
+        )
+
+
 def load_index(
     path: Path, settings: IndexSettings | None = None, model_version: str | None = None
 ) -> tuple[faiss.Index, dict[str, Any]]:
@@ -237,9 +248,10 @@ def load_index(
         raise IndexArtifactError(f"{index_dir}: no artifacts beside the index; pass the served model_version")
     if manifest.get("model_version") != expected:
         raise IndexArtifactError(
-            f"{index_dir}: index built for model {manifest.get('model_version')!r}, "
-            f"served model is {expected!r}"
+            f"{index_dir}: {INDEX_MANIFEST_FILE} says the index was built for model "
+            f"{manifest.get('model_version')!r}, the served model is {expected!r}"
         )
+    check_index_file(index_dir, manifest)
     settings = serving_settings(manifest, settings)
     try:
         index = read_index(index_dir / INDEX_FILE, settings)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,9 @@ ITEMS_FILE = "items.npz"
 FEATURES_FILE = "features.json"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "LATEST"
-ARTIFACT_FILES = (USER_TOWER_FILE, ITEMS_FILE, FEATURES_FILE, MANIFEST_FILE)
+# The files the version hash covers; the manifest, which holds the hash, is not one of them.
+CONTENT_FILES = (USER_TOWER_FILE, ITEMS_FILE, FEATURES_FILE)
+ARTIFACT_FILES = (*CONTENT_FILES, MANIFEST_FILE)
 
 
 class ArtifactError(RuntimeError):
@@ -70,6 +75,14 @@ def data_fingerprint(data: InteractionData) -> str:
     return digest.hexdigest()[:16]
 
 
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def content_version(directory: Path, files: tuple[str, ...]) -> str:
     digest = hashlib.sha256()
     for name in files:
@@ -97,10 +110,11 @@ def write_artifacts(
             bias=items.bias.astype(np.float32),
         )
         encoder.save(staging / FEATURES_FILE)
-        version = content_version(staging, (USER_TOWER_FILE, ITEMS_FILE, FEATURES_FILE))
+        version = content_version(staging, CONTENT_FILES)
         full_manifest = {
             **manifest,
             "model_version": version,
+            "files": {name: file_digest(staging / name) for name in CONTENT_FILES},
             "created_at": int(time.time()),
             "n_items": len(items.item_ids),
             "embedding_dim": int(items.embeddings.shape[1]),
@@ -113,8 +127,15 @@ def write_artifacts(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    (root / LATEST_FILE).write_text(version + "\n")
+    write_latest(root, version)
     return target
+
+
+def write_latest(root: Path, version: str) -> None:
+    """Points ``root/LATEST`` at ``version``; a reader never sees a half-written file (rename over it)."""
+    temporary = root / f".{LATEST_FILE}.{os.getpid()}"
+    temporary.write_text(version + "\n")
+    os.replace(temporary, root / LATEST_FILE)
 
 
 def resolve_version_dir(path: Path) -> Path:
@@ -131,29 +152,61 @@ def resolve_version_dir(path: Path) -> Path:
 
 
 def load_artifacts(path: Path, map_location: str = "cpu") -> Artifacts:
-    """Loads and cross-checks a version directory; any inconsistency is an ArtifactError."""
+    """Loads and cross-checks a version directory; any inconsistency is an ArtifactError naming the file.
+
+    Content is checked against the manifest *before* anything is deserialised, so a damaged or swapped
+    file is refused with its name instead of reaching TorchScript or numpy.
+    """
     directory = resolve_version_dir(path)
-    missing = [name for name in ARTIFACT_FILES if not (directory / name).exists()]
+    missing = [name for name in ARTIFACT_FILES if not (directory / name).is_file()]
     if missing:
         raise ArtifactError(f"{directory}: missing {', '.join(missing)}")
-    try:
-        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    manifest = _read_manifest(directory)
+    _check_content(directory, manifest)
+    with _naming(directory, USER_TOWER_FILE):
         user_tower = torch.jit.load(str(directory / USER_TOWER_FILE), map_location=map_location)
-        with np.load(directory / ITEMS_FILE) as arrays:
-            items = ItemTable(arrays["item_ids"], arrays["embeddings"], arrays["bias"])
+    with _naming(directory, ITEMS_FILE), np.load(directory / ITEMS_FILE, allow_pickle=False) as arrays:
+        items = ItemTable(arrays["item_ids"], arrays["embeddings"], arrays["bias"])
+    with _naming(directory, FEATURES_FILE):
         encoder = FeatureEncoder.load(directory / FEATURES_FILE)
-    except ArtifactError:
-        raise
-    except Exception as error:  # a corrupt file can fail in json, torch or numpy: one error type for callers
-        raise ArtifactError(f"{directory}: cannot be loaded: {error}") from error
     if len(items.item_ids) != len(items.embeddings) or len(items.item_ids) != len(items.bias):
         raise ArtifactError(f"{directory}: {ITEMS_FILE} arrays disagree in length")
-    if "model_version" not in manifest or "scale" not in manifest:
+    return Artifacts(directory, manifest, user_tower, items, encoder)
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    with _naming(directory, MANIFEST_FILE):
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    if not isinstance(manifest, dict) or "model_version" not in manifest or "scale" not in manifest:
         raise ArtifactError(f"{directory}: {MANIFEST_FILE} lacks model_version or scale")
-    actual = content_version(directory, (USER_TOWER_FILE, ITEMS_FILE, FEATURES_FILE))
+    return manifest
+
+
+def _check_content(directory: Path, manifest: dict[str, Any]) -> None:
+    """Per-file digests name the damaged file; manifests written before them are checked as a whole."""
+    digests = manifest.get("files")
+    if isinstance(digests, dict):
+        for name in CONTENT_FILES:
+            if file_digest(directory / name) != digests.get(name):
+                raise ArtifactError(
+                    f"{directory}: {name} does not match its digest in {MANIFEST_FILE} (damaged or replaced)"
+                )
+    actual = content_version(directory, CONTENT_FILES)
     if actual != manifest["model_version"]:
         # A file swapped or damaged after export would otherwise be served under the old version's name.
         raise ArtifactError(
-            f"{directory}: content hash {actual} does not match model_version {manifest['model_version']}"
+            f"{directory}: content hash {actual} does not match model_version "
+            f"{manifest['model_version']!r} in {MANIFEST_FILE}"
         )
-    return Artifacts(directory, manifest, user_tower, items, encoder)
+
+
+@contextmanager
+def _naming(directory: Path, name: str) -> Iterator[None]:
+    """Turns whatever a corrupt file raises (json, torch, numpy, zipfile) into one error naming it."""
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
+        raise ArtifactError(f"{directory}: {name} cannot be loaded: {reason}") from error

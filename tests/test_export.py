@@ -14,13 +14,16 @@ import torch
 from model_fixtures import one_torch_thread
 
 from model.artifacts import (
+    CONTENT_FILES,
     FEATURES_FILE,
     ITEMS_FILE,
     LATEST_FILE,
     MANIFEST_FILE,
     USER_TOWER_FILE,
     ArtifactError,
+    content_version,
     data_fingerprint,
+    file_digest,
     load_artifacts,
 )
 from model.checkpoint import load_checkpoint, save_checkpoint
@@ -219,9 +222,29 @@ def test_truncated_user_tower_is_an_artifact_error(exported: Exported, tmp_path:
     directory = corrupt_copy(exported, tmp_path)
     content = (directory / USER_TOWER_FILE).read_bytes()
     (directory / USER_TOWER_FILE).write_bytes(content[: len(content) // 2])
-    with pytest.raises(ArtifactError) as raised:
+    with pytest.raises(ArtifactError, match=f"{USER_TOWER_FILE} does not match its digest") as raised:
         load_artifacts(directory)
     assert str(directory) in str(raised.value)
+
+
+def test_damaged_file_under_a_resigned_manifest_is_refused_naming_it(
+    exported: Exported, tmp_path: Path
+) -> None:
+    """A manifest re-signed over a damaged file passes the digests; loading still names the file."""
+    directory = corrupt_copy(exported, tmp_path)
+    content = (directory / USER_TOWER_FILE).read_bytes()
+    (directory / USER_TOWER_FILE).write_bytes(content[: len(content) // 2])
+    resign(directory)
+    with pytest.raises(ArtifactError, match=f"{USER_TOWER_FILE} cannot be loaded"):
+        load_artifacts(directory)
+
+
+def resign(directory: Path) -> None:
+    """Rewrites the manifest's digests and version for the files as they now are."""
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    manifest["files"] = {name: file_digest(directory / name) for name in CONTENT_FILES}
+    manifest["model_version"] = content_version(directory, CONTENT_FILES)
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize(
@@ -239,9 +262,12 @@ def test_truncated_items_and_bad_features_are_artifact_errors(exported: Exported
     for name, content in ((ITEMS_FILE, b"PK\x03\x04garbage"), (FEATURES_FILE, b'{"config": {}}')):
         directory = corrupt_copy(exported, tmp_path / name)
         (directory / name).write_bytes(content)
-        with pytest.raises(ArtifactError) as raised:
+        with pytest.raises(ArtifactError, match=f"{name} does not match its digest") as raised:
             load_artifacts(directory)
         assert str(directory) in str(raised.value)
+        resign(directory)
+        with pytest.raises(ArtifactError, match=f"{name} cannot be loaded"):
+            load_artifacts(directory)
 
 
 def test_inconsistent_item_arrays_are_an_artifact_error(exported: Exported, tmp_path: Path) -> None:
@@ -249,6 +275,7 @@ def test_inconsistent_item_arrays_are_an_artifact_error(exported: Exported, tmp_
     with np.load(directory / ITEMS_FILE) as arrays:
         item_ids, embeddings, bias = arrays["item_ids"], arrays["embeddings"], arrays["bias"]
     np.savez(directory / ITEMS_FILE, item_ids=item_ids, embeddings=embeddings[:-1], bias=bias)
+    resign(directory)
     with pytest.raises(ArtifactError, match="disagree") as raised:
         load_artifacts(directory)
     assert str(directory) in str(raised.value)
@@ -260,9 +287,15 @@ def test_tampered_file_is_an_artifact_error(exported: Exported, tmp_path: Path) 
     with np.load(directory / ITEMS_FILE) as arrays:
         item_ids, embeddings, bias = arrays["item_ids"], arrays["embeddings"], arrays["bias"]
     np.savez(directory / ITEMS_FILE, item_ids=item_ids, embeddings=embeddings, bias=bias + 1.0)
-    with pytest.raises(ArtifactError, match="does not match model_version") as raised:
+    with pytest.raises(ArtifactError, match=f"{ITEMS_FILE} does not match its digest") as raised:
         load_artifacts(directory)
     assert str(directory) in str(raised.value)
+    # A manifest written before per-file digests is checked by the version hash over all files.
+    manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    del manifest["files"]
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="does not match model_version"):
+        load_artifacts(directory)
 
 
 def test_root_without_latest_and_dangling_latest(tmp_path: Path) -> None:
