@@ -33,6 +33,7 @@ from service.feature_store.keys import KeyLayout
 from service.feature_store.loader import bulk_load, load_memory_store
 from service.feature_store.memory_store import MemoryFeatureStore
 from service.feature_store.records import (
+    EVENT_IDS_KEPT,
     UserRecord,
     records_from_interactions,
     records_to_raw_users,
@@ -355,6 +356,94 @@ def test_invalid_events_are_rejected(backend: Backend) -> None:
             await store.record_event(1, 2, 10.5)  # type: ignore[arg-type]
 
     backend.run(scenario)
+
+
+def test_an_event_id_seen_among_the_last_ones_is_not_applied_again(backend: Backend) -> None:
+    async def scenario(store: FeatureStore) -> list[UserRecord]:
+        answers = [await store.record_event(21, 10, 100, "first")]
+        answers.append(await store.record_event(21, 11, 101, "first"))  # a retry: same state back
+        answers.append(await store.record_event(21, 12, 102, "second"))
+        answers.append(await store.record_event(21, 13, 103))  # no id: always applied
+        answers.append(await store.record_event(21, 13, 103))
+        for n in range(EVENT_IDS_KEPT):
+            await store.record_event(21, 50 + n, 200 + n, f"later-{n}")
+        answers.append(await store.record_event(21, 14, 104, "first"))  # aged out: a new event
+        return answers
+
+    answers = backend.run(scenario)
+    assert [a.count for a in answers] == [1, 1, 2, 3, 4, 5 + EVENT_IDS_KEPT]
+    assert answers[1] == answers[0] == UserRecord(21, {}, [10], 1, 100, 100, True)
+    assert answers[-1].actions[0] == 14
+
+
+@pytest.mark.parametrize("event_id", ["a b", "x" * 65, "é", "a\nb", 7])
+def test_malformed_event_ids_are_rejected(backend: Backend, event_id: object) -> None:
+    async def scenario(store: FeatureStore) -> list[UserRecord]:
+        with pytest.raises(ValueError, match="event_id"):
+            await store.record_event(22, 1, 10, event_id)  # type: ignore[arg-type]
+        return await store.get_users([22])
+
+    assert backend.run(scenario) == [UserRecord.unknown(22)]
+
+
+class LossyProxy:
+    """A TCP proxy to Redis that, once armed, drops the connection instead of forwarding the reply to
+    the next script call (Redis has run the script by then): a reply lost on the network."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    async def handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(REDIS_HOST, REDIS_PORT)
+        saw_script = asyncio.Event()
+
+        async def upstream() -> None:
+            while data := await client_r.read(65536):
+                if b"EVALSHA" in data.upper():
+                    saw_script.set()
+                server_w.write(data)
+                await server_w.drain()
+
+        async def downstream() -> None:
+            while data := await server_r.read(65536):
+                if self.armed and saw_script.is_set() and data.startswith(b"*"):
+                    self.armed = False
+                    client_w.transport.abort()
+                    return
+                client_w.write(data)
+                await client_w.drain()
+
+        try:
+            await asyncio.gather(upstream(), downstream())
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            client_w.close()
+            server_w.close()
+
+
+def test_an_event_whose_reply_is_lost_is_applied_once(layout: KeyLayout, redis_client: redis.Redis) -> None:
+    """redis-py retries a command once after a connection error; the event id makes the retried
+    script a no-op instead of a second interaction."""
+
+    async def scenario() -> UserRecord:
+        proxy = LossyProxy()
+        server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = create_client(f"redis://127.0.0.1:{port}/0", timeout_s=2.0)
+        try:
+            store = RedisFeatureStore(client, layout, cap=CAP, timeout_s=2.0)
+            await store.record_event(42, 100, 1_000, "one")  # loads the script
+            proxy.armed = True
+            return await store.record_event(42, 200, 1_060, "two")
+        finally:
+            await client.aclose()
+            server.close()
+
+    answer = asyncio.run(scenario())
+    stored = [int(v) for v in redis_client.lrange(layout.actions_key(42), 0, -1)]
+    assert (answer.count, answer.actions) == (2, [200, 100])
+    assert stored == [200, 100] and redis_client.hget(layout.user_key(42), "count") == b"2"
 
 
 # ----- Redis only ----------------------------------------------------------------------------------

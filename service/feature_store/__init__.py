@@ -46,8 +46,12 @@ class FeatureStore(Protocol):
         """Records in the order asked; a user the store does not know comes back with found=False."""
         ...
 
-    async def record_event(self, user_id: int, item_id: int, timestamp: int) -> UserRecord:
-        """Adds one interaction (newest action, count + 1, first/last timestamps) and returns the record."""
+    async def record_event(
+        self, user_id: int, item_id: int, timestamp: int, event_id: str | None = None
+    ) -> UserRecord:
+        """Adds one interaction (newest action, count + 1, first/last timestamps) and returns the record.
+
+        An ``event_id`` among the user's last ``EVENT_IDS_KEPT`` is not applied again (a retry)."""
         ...
 
     async def put_profile(self, user_id: int, fields: Mapping[str, str]) -> None:

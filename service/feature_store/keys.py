@@ -7,6 +7,8 @@ them in one slot and the read pipeline and the ``record_event`` script may touch
         gender, age, occupation, zip_code   profile fields, stored as given ("" or absent = unknown)
         count                               interactions so far (all of them, not only the kept ones)
         first_ts, last_ts                   Unix seconds of the oldest / newest interaction
+        event_ids                           ids of the last 8 events, newest first, space-separated
+                                            (an event whose id is here is a retry, not applied again)
     {prefix}:v{schema}:{<user_id>}:actions   list of item ids, newest first, at most ``cap`` long
 
 Numbers are decimal strings. A user with no keys is unknown: the service serves them as a cold-start
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from model.data.schema import PROFILE_FIELDS
 
 STATE_FIELDS: tuple[str, ...] = ("count", "first_ts", "last_ts")
+EVENT_IDS_FIELD = "event_ids"
 USER_FIELDS: tuple[str, ...] = (*PROFILE_FIELDS, *STATE_FIELDS)
 
 # Characters SCAN's MATCH treats specially; escaped in pattern() so a prefix is always literal.

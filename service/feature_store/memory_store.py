@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 
 from model.data.schema import PROFILE_FIELDS
 from service.feature_store.keys import as_user_id
-from service.feature_store.records import DEFAULT_CAP, UserRecord, check_event, check_profile
+from service.feature_store.records import (
+    DEFAULT_CAP,
+    EVENT_IDS_KEPT,
+    UserRecord,
+    check_event,
+    check_event_id,
+    check_profile,
+)
 
 
 @dataclass
@@ -24,6 +31,7 @@ class _UserState:
     count: int = 0
     first_ts: int | None = None
     last_ts: int | None = None
+    event_ids: list[str] = field(default_factory=list)  # newest first, at most EVENT_IDS_KEPT
 
 
 class MemoryFeatureStore:
@@ -39,9 +47,16 @@ class MemoryFeatureStore:
     async def get_users(self, user_ids: Sequence[int]) -> list[UserRecord]:
         return [self._record(as_user_id(user_id)) for user_id in user_ids]
 
-    async def record_event(self, user_id: int, item_id: int, timestamp: int) -> UserRecord:
+    async def record_event(
+        self, user_id: int, item_id: int, timestamp: int, event_id: str | None = None
+    ) -> UserRecord:
         user_id, item_id, timestamp = check_event(user_id, item_id, timestamp)
+        event_id = check_event_id(event_id)
         state = self._users.setdefault(user_id, _UserState())
+        if event_id:
+            if event_id in state.event_ids:
+                return self._record(user_id)
+            state.event_ids = [event_id, *state.event_ids[: EVENT_IDS_KEPT - 1]]
         state.actions = [item_id, *state.actions[: self.cap - 1]]
         state.count += 1
         if state.first_ts is None or timestamp < state.first_ts:

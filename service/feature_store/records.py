@@ -11,6 +11,7 @@ empty profile, no history, count 0.
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -178,6 +179,20 @@ def check_event(user_id: int, item_id: int, timestamp: int) -> tuple[int, int, i
     if values[0] < 0:
         raise ValueError(f"item_id must be >= 0, got {values[0]}")
     return as_user_id(user_id), values[0], values[1]
+
+
+# Ids of a user's last events kept for deduplication: enough for any retry of the latest few events.
+EVENT_IDS_KEPT = 8
+_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def check_event_id(event_id: str | None) -> str:
+    """ "" (no deduplication) or an id of 1-64 characters from [A-Za-z0-9_.:-] (no separators)."""
+    if event_id is None or event_id == "":
+        return ""
+    if not isinstance(event_id, str) or not _EVENT_ID.fullmatch(event_id):
+        raise ValueError(f"event_id must be 1-64 characters of [A-Za-z0-9_.:-], got {event_id!r}")
+    return event_id
 
 
 def check_profile(fields: Mapping[str, str]) -> dict[str, str]:

@@ -21,8 +21,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from model.data.schema import PROFILE_FIELDS
-from service.feature_store.keys import KeyLayout, as_user_id
-from service.feature_store.records import DEFAULT_CAP, UserRecord, check_event, check_profile
+from service.feature_store.keys import EVENT_IDS_FIELD, KeyLayout, as_user_id
+from service.feature_store.records import (
+    DEFAULT_CAP,
+    EVENT_IDS_KEPT,
+    UserRecord,
+    check_event,
+    check_event_id,
+    check_profile,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +37,12 @@ DEFAULT_TIMEOUT_S = 0.1
 
 _INTEGER = re.compile(r"-?[0-9]+")
 
-# KEYS[1] user hash, KEYS[2] actions list; ARGV[1] item id, ARGV[2] timestamp, ARGV[3] cap.
-# One script, so a concurrent reader or writer never sees the list and the state disagree. Numbers go
-# back to Redis as the caller's strings or via %d: Lua's own number formatting may use exponents.
-_RECORD_EVENT_LUA = """
+# KEYS[1] user hash, KEYS[2] actions list; ARGV[1] item id, ARGV[2] timestamp, ARGV[3] cap, ARGV[4] event
+# id ("" for none), ARGV[5] event ids kept. One script, so a concurrent reader or writer never sees the
+# list and the state disagree. Numbers go back to Redis as the caller's strings or via %d: Lua's own
+# number formatting may use exponents. An event id already among the user's last ones is not applied
+# again: the client's one retry after a lost reply, or the caller's retry after a 503, counts once.
+_RECORD_EVENT_LUA = f"""
 local function as_int(value)
   if type(value) == 'string' and string.match(value, '^%-?%d+$') then
     return tonumber(value)
@@ -42,6 +51,11 @@ local function as_int(value)
 end
 local ts = tonumber(ARGV[2])
 local cap = tonumber(ARGV[3])
+local event_id = ARGV[4]
+local seen = redis.call('HGET', KEYS[1], '{EVENT_IDS_FIELD}') or ''
+if event_id ~= '' and string.find(' ' .. seen .. ' ', ' ' .. event_id .. ' ', 1, true) then
+  return {{redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, cap - 1)}}
+end
 redis.call('LPUSH', KEYS[2], ARGV[1])
 redis.call('LTRIM', KEYS[2], 0, cap - 1)
 -- A damaged count restarts from the kept actions rather than failing every later event.
@@ -55,7 +69,15 @@ local last = as_int(redis.call('HGET', KEYS[1], 'last_ts'))
 if last == nil or ts > last then
   redis.call('HSET', KEYS[1], 'last_ts', ARGV[2])
 end
-return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, cap - 1)}
+if event_id ~= '' then
+  local kept = {{event_id}}
+  for id in string.gmatch(seen, '%S+') do
+    if #kept >= tonumber(ARGV[5]) then break end
+    kept[#kept + 1] = id
+  end
+  redis.call('HSET', KEYS[1], '{EVENT_IDS_FIELD}', table.concat(kept, ' '))
+end
+return {{redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, cap - 1)}}
 """
 
 
@@ -116,7 +138,9 @@ class RedisFeatureStore:
         if not len(user_ids):
             return []
         keys = [(self.layout.user_key(u), self.layout.actions_key(u)) for u in user_ids]
-        async with self._guard("get_users"), self.client.pipeline(transaction=False) as pipe:
+        # MULTI/EXEC: a user's hash and list are read at one instant, never across a concurrent event
+        # (the record_event script is atomic, but two separate reads could straddle it).
+        async with self._guard("get_users"), self.client.pipeline(transaction=True) as pipe:
             for user_key, actions_key in keys:
                 pipe.hgetall(user_key)
                 pipe.lrange(actions_key, 0, self.cap - 1)
@@ -128,12 +152,15 @@ class RedisFeatureStore:
             for row, user_id in enumerate(user_ids)
         ]
 
-    async def record_event(self, user_id: int, item_id: int, timestamp: int) -> UserRecord:
+    async def record_event(
+        self, user_id: int, item_id: int, timestamp: int, event_id: str | None = None
+    ) -> UserRecord:
         """Appends one interaction atomically and returns the user's new record."""
         user_id, item_id, timestamp = check_event(user_id, item_id, timestamp)
+        args = [item_id, timestamp, self.cap, check_event_id(event_id), EVENT_IDS_KEPT]
         keys = [self.layout.user_key(user_id), self.layout.actions_key(user_id)]
         async with self._guard("record_event"):
-            fields, actions = await self._record_event(keys=keys, args=[item_id, timestamp, self.cap])
+            fields, actions = await self._record_event(keys=keys, args=args)
         return parse_record(user_id, fields, actions)
 
     async def put_profile(self, user_id: int, fields: Mapping[str, str]) -> None:
