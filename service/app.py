@@ -9,20 +9,19 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
 from index_builder.settings import IndexSettings
+from model.artifacts import ArtifactError
 from service.api import admin, health, recommend, users
-from service.engine import Recommender, ServingBundle, configure_threads, load_bundle
+from service.engine import Recommender, ServingBundle, configure_threads, load_bundle, release_memory
+from service.errors import install_error_handlers
 from service.feature_store import FeatureStore, KeyLayout, MemoryFeatureStore
 from service.metrics import ServiceMetrics
-from service.middleware import RequestCounter
-from service.settings import ServiceSettings
+from service.middleware import BodySizeLimit, RequestCounter
+from service.settings import ServiceSettings, redacted_url
 from service.state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -40,17 +39,21 @@ def make_store(settings: ServiceSettings, cap: int) -> tuple[FeatureStore, str]:
     timeout_s = settings.redis_timeout_ms / 1000
     client = create_client(settings.redis_url, settings.redis_max_connections, timeout_s)
     layout = KeyLayout(settings.key_prefix, settings.key_schema_version)
-    log.info("feature store: Redis at %s, keys %s", settings.redis_url, layout.pattern())
+    log.info("feature store: Redis at %s, keys %s", redacted_url(settings.redis_url), layout.pattern())
     return RedisFeatureStore(client, layout, cap=cap, timeout_s=timeout_s), "redis"
 
 
-def validation_message(error: RequestValidationError) -> str:
-    """One line naming each bad field, e.g. "body.k: Input should be less than or equal to 1000"."""
-    parts = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item.get("loc", ()))
-        parts.append(f"{field}: {item.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
+async def load_startup_bundle(
+    artifacts_dir: Path, index_settings: IndexSettings
+) -> tuple[ServingBundle | None, str | None]:
+    """The bundle to serve, or why there is none: the service then starts but is not ready (/readyz
+    says why, /recommend answers 503) until ``/admin/reload`` loads good artifacts. Serving a damaged
+    model would be worse than serving nothing, and a process that stays up can be repaired in place."""
+    try:
+        return await asyncio.to_thread(load_bundle, artifacts_dir, index_settings), None
+    except (ArtifactError, OSError, ValueError, RuntimeError) as error:
+        log.error("not ready: artifacts at %s refused: %s", artifacts_dir, error)
+        return None, str(error)
 
 
 def create_app(
@@ -66,18 +69,25 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_threads(settings.torch_threads, settings.faiss_threads)
         index_settings = IndexSettings()
-        serving = bundle or await asyncio.to_thread(load_bundle, settings.artifacts_dir, index_settings)
-        cap = serving.artifacts.encoder.config.max_history
+        serving, load_error = bundle, None
+        if serving is None:
+            serving, load_error = await load_startup_bundle(settings.artifacts_dir, index_settings)
+        cap = serving.artifacts.encoder.config.max_history if serving else settings.history_cap
         feature_store, kind = (store, "given") if store is not None else make_store(settings, cap)
-        recommender = Recommender(serving)
-        metrics.set_versions(serving.model_version, serving.index_version, serving.n_items)
+        recommender = Recommender(serving, cap, load_error, settings.max_pending)
+        if serving is not None:
+            metrics.set_versions(serving.model_version, serving.index_version, serving.n_items)
+            log.info(
+                "serving model %s, index %s (%d items)",
+                serving.model_version,
+                serving.index_version,
+                serving.n_items,
+            )
         app.state.coldwarm = ServiceState(settings, index_settings, feature_store, kind, recommender, metrics)
-        log.info(
-            "serving model %s, index %s (%d items)",
-            serving.model_version,
-            serving.index_version,
-            serving.n_items,
-        )
+        # The recommender alone holds the bundle: this frame lives as long as the app, and a reference
+        # here would keep the start-up model in memory after every reload.
+        del serving
+        release_memory()
         try:
             yield
         finally:
@@ -95,20 +105,9 @@ def create_app(
     for module in (recommend, users, health, admin):
         app.include_router(module.router)
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        detail = jsonable_encoder(error.errors())
-        return JSONResponse({"message": validation_message(error), "detail": detail}, status_code=422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        # Every error body carries "message", whatever raised it.
-        return JSONResponse(
-            {"message": str(error.detail), "detail": error.detail},
-            status_code=error.status_code,
-            headers=getattr(error, "headers", None),
-        )
-
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Added last, so outermost: refused bodies (413) are counted too.
     app.add_middleware(RequestCounter, metrics=metrics)
     return app
 

@@ -9,6 +9,9 @@ thread: off the event loop, and serialised, which GPU FAISS requires and CPU FAI
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Iterable
@@ -22,13 +25,16 @@ import numpy as np
 import torch
 
 from index_builder.build import load_index
-from index_builder.faiss_index import search
+from index_builder.faiss_index import exact_search, search
 from index_builder.settings import IndexSettings
 from index_builder.vectors import fold_bias, query_vectors
-from model.artifacts import ArtifactError, Artifacts, load_artifacts
+from model.artifacts import LATEST_FILE, MANIFEST_FILE, ArtifactError, Artifacts, load_artifacts
 from service.feature_store import UserRecord, records_to_raw_users
 
 log = logging.getLogger(__name__)
+
+# Items kept of the cold-start answer for shedding: k up to the API's maximum plus room for exclusions.
+COLD_ANSWER_SIZE = 2000
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class ServingBundle:
     index_version: str
     # The folded item vectors, for the exact fallback when an approximate index returns too few items.
     vectors: np.ndarray
+    # The answer for a user the service knows nothing of, ranked once at load: what an overloaded
+    # service hands out instead of queueing (cold-start quality, no model or search cost).
+    cold_answer: Recommendation | None = None
 
     @property
     def model_version(self) -> str:
@@ -68,10 +77,25 @@ def load_bundle(artifacts_dir: Path, index_settings: IndexSettings) -> ServingBu
     vectors = fold_bias(artifacts.items.embeddings, artifacts.items.bias, artifacts.scale)
     bundle = ServingBundle(artifacts, index, manifest, str(manifest.get("index_version", "")), vectors)
     try:
-        compute(bundle, UserRecord.unknown(0), int(time.time()), 1, set())  # warm-up: first-call costs here
+        # Also the warm-up: first-call costs (TorchScript profiling, FAISS allocations) are paid here.
+        cold = compute(bundle, UserRecord.unknown(0), int(time.time()), COLD_ANSWER_SIZE, set())
     except Exception as error:  # a tower that loads but cannot run is as broken as a missing file
         raise ArtifactError(f"{artifacts.directory}: warm-up request failed: {error}") from error
-    return bundle
+    return dataclasses.replace(bundle, cold_answer=cold)
+
+
+def shed_answer(bundle: ServingBundle, k: int, exclude: set[int]) -> Recommendation:
+    """The precomputed cold-start answer, minus exclusions: at most k items, possibly fewer."""
+    cold = bundle.cold_answer
+    assert cold is not None, "load_bundle always sets it"
+    kept = [(i, s) for i, s in zip(cold.item_ids, cold.scores, strict=True) if i not in exclude][:k]
+    return dataclasses.replace(
+        cold,
+        item_ids=[i for i, _ in kept],
+        scores=[s for _, s in kept],
+        model_seconds=0.0,
+        search_seconds=0.0,
+    )
 
 
 def compute(bundle: ServingBundle, record: UserRecord, now: int, k: int, exclude: set[int]) -> Recommendation:
@@ -79,7 +103,7 @@ def compute(bundle: ServingBundle, record: UserRecord, now: int, k: int, exclude
     started = time.perf_counter()
     encoder = bundle.artifacts.encoder
     encoded = encoder.encode_users(records_to_raw_users([record], now, encoder.config.max_history))
-    with torch.no_grad():
+    with torch.inference_mode():  # cheaper than no_grad: no version counters on the outputs
         embedding, user_bias, gate = bundle.artifacts.user_tower(
             torch.from_numpy(encoded.profile),
             torch.from_numpy(encoded.history),
@@ -90,11 +114,13 @@ def compute(bundle: ServingBundle, record: UserRecord, now: int, k: int, exclude
     # Over-fetching by the number of exclusions guarantees k survivors whenever the catalog has them.
     fetch = min(k + len(exclude), bundle.n_items)
     scores, ids = search(bundle.index, queries, fetch)
+    keep = survivors(ids[0], scores[0], exclude, k)
+    if len(keep) < k and (ids[0] < 0).any():
+        # An approximate index (IVF probing few lists, HNSW's reachable graph) ran short of the
+        # catalog; exact search over the same folded vectors always has every item.
+        scores, ids = exact_search(bundle.vectors, bundle.artifacts.items.item_ids, queries, fetch)
+        keep = survivors(ids[0], scores[0], exclude, k)
     search_done = time.perf_counter()
-    keep = [
-        (int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0 and int(i) not in exclude
-    ]
-    keep = keep[:k]
     bias = float(user_bias[0])
     return Recommendation(
         item_ids=[i for i, _ in keep],
@@ -109,44 +135,140 @@ def compute(bundle: ServingBundle, record: UserRecord, now: int, k: int, exclude
 
 
 def survivors(ids: np.ndarray, scores: np.ndarray, exclude: set[int], k: int) -> list[tuple[int, float]]:
-    kept = [(int(i), float(s)) for i, s in zip(ids, scores, strict=True) if i >= 0 and int(i) not in exclude]
+    # tolist() first: Python ints and floats in one C call, instead of a numpy scalar per element.
+    kept = [(i, s) for i, s in zip(ids.tolist(), scores.tolist(), strict=True) if i >= 0 and i not in exclude]
     return kept[:k]
 
 
-class Recommender:
-    """Serves the current bundle; ``swap`` replaces it atomically."""
+class NotLoadedError(RuntimeError):
+    """No model is being served: the artifacts at start-up were missing or refused."""
 
-    def __init__(self, bundle: ServingBundle) -> None:
+
+class OverloadedError(RuntimeError):
+    """More requests wait for the model than the service admits; the caller should shed this one."""
+
+
+class Recommender:
+    """Serves the current bundle; ``reload`` replaces it atomically.
+
+    It may start without a bundle (the artifacts were refused at start-up): it then answers nothing,
+    says why, and the first successful ``reload`` makes it ready. ``history_cap`` is the number of
+    actions the feature store keeps per user, fixed for the life of the process.
+    """
+
+    def __init__(
+        self,
+        bundle: ServingBundle | None,
+        history_cap: int,
+        load_error: str | None = None,
+        max_pending: int = 64,
+    ) -> None:
         self._bundle = bundle
+        self.history_cap = history_cap
+        self.max_pending = max_pending
+        self.pending = 0
+        self.load_error = load_error if bundle is None else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coldwarm-model")
         self._reload_lock = asyncio.Lock()
 
     @property
-    def bundle(self) -> ServingBundle:
+    def bundle(self) -> ServingBundle | None:
         return self._bundle
 
     async def recommend(self, record: UserRecord, now: int, k: int, exclude: Iterable[int]) -> Recommendation:
         bundle = self._bundle  # one snapshot per request: the model and the index it was built for
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, compute, bundle, record, now, k, set(exclude))
+        if bundle is None:
+            raise NotLoadedError(f"no model loaded: {self.load_error}")
+        if self.pending >= self.max_pending:
+            # Queueing more only makes every answer late; a bounded queue keeps the admitted ones fast.
+            raise OverloadedError(f"{self.pending} requests already wait for the model")
+        # Counted on the event loop only, so no lock: incremented here, decremented when the answer is in.
+        self.pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, compute, bundle, record, now, k, set(exclude))
+        finally:
+            self.pending -= 1
+
+    def shed(self, k: int, exclude: Iterable[int]) -> Recommendation:
+        """The cold-start answer without touching the model: for requests an overload turned away."""
+        bundle = self._bundle
+        if bundle is None:
+            raise NotLoadedError(f"no model loaded: {self.load_error}")
+        return shed_answer(bundle, k, set(exclude))
 
     async def reload(self, artifacts_dir: Path, index_settings: IndexSettings) -> ServingBundle:
         """Loads and warms a new bundle off the serving thread, then swaps; on error the old one stays."""
         async with self._reload_lock:
             bundle = await asyncio.to_thread(load_bundle, artifacts_dir, index_settings)
-            served, new = self._bundle.artifacts.encoder.config, bundle.artifacts.encoder.config
-            if new.max_history != served.max_history:
-                # The feature store keeps max_history actions per user, fixed when the service started.
+            cap = bundle.artifacts.encoder.config.max_history
+            if cap != self.history_cap:
+                # The feature store keeps history_cap actions per user, fixed when the service started.
                 raise ArtifactError(
-                    f"{bundle.artifacts.directory}: max_history {new.max_history} differs from the served "
-                    f"{served.max_history}; restart the service to change it"
+                    f"{bundle.artifacts.directory}: max_history {cap} differs from the served "
+                    f"{self.history_cap}; restart the service to change it"
                 )
-            self._bundle = bundle
+            self._bundle, self.load_error = bundle, None
             log.info("now serving model %s with index %s", bundle.model_version, bundle.index_version)
-            return bundle
+            del bundle
+            # The old bundle is freed once in-flight requests finish; hand its pages back to the OS so
+            # that repeated reloads do not ratchet the resident size up.
+            await asyncio.to_thread(release_memory)
+            return self._bundle
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def release_memory() -> None:
+    """Frees what a swapped-out bundle left, then freezes what is loaded now.
+
+    Frozen objects (the model, the index wrappers, the imported modules) are skipped by the cyclic
+    garbage collector, so its full collections stay short: they otherwise walk every object of a
+    loaded model and show as multi-millisecond pauses in the p99. Unfreezing first lets a collection
+    reach the old bundle's cycles.
+    """
+    gc.unfreeze()
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+    gc.freeze()
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:  # glibc only: malloc_trim does not exist on musl or macOS, where nothing is needed
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def artifacts_root(configured: Path) -> Path:
+    """The directory versions live in: the configured one, or its parent when it names a version."""
+    configured = Path(configured)
+    if (configured / MANIFEST_FILE).is_file() and not (configured / LATEST_FILE).is_file():
+        return configured.parent
+    return configured
+
+
+def resolve_reload_dir(configured: Path, requested: str | None) -> Path:
+    """What a reload loads: the configured directory again, or a version (name or path) inside its root.
+
+    Anything that resolves outside the root (``..``, an absolute path elsewhere, a symlink out) is
+    refused: a reload request must not make the service deserialise files from arbitrary places.
+    """
+    if not requested:
+        return Path(configured)
+    root = artifacts_root(configured).resolve()
+    candidate = Path(requested)
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"artifacts_dir must lie inside the artifacts root {root}, got {requested!r}")
+    return resolved
 
 
 def configure_threads(torch_threads: int, faiss_threads: int) -> None:

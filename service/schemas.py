@@ -53,6 +53,14 @@ class EventRequest(StrictModel):
     user_id: int = UserId
     item_id: int = Field(ge=0, le=2**63 - 1)
     timestamp: int | None = Field(None, ge=0, description="Unix seconds; default: now")
+    event_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="idempotency key: a retry with the id of one of the user's last 8 events is not "
+        "counted again (send one to retry safely after a 503 or a lost answer)",
+    )
 
 
 class UserState(BaseModel):
@@ -78,7 +86,10 @@ class ProfileResponse(BaseModel):
 
 class ReloadRequest(StrictModel):
     artifacts_dir: str | None = Field(
-        None, description="artifacts root or version dir; default: the configured"
+        None,
+        max_length=4096,
+        description="a version directory (its name, or a path) inside the configured artifacts root; "
+        "default: the configured directory again (its LATEST when it is a root)",
     )
 
 

@@ -6,9 +6,12 @@ The index search parameters (nprobe, efSearch) are ``IndexSettings`` (``COLDWARM
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.settings import FeatureConfig
 
 
 class ServiceSettings(BaseSettings):
@@ -29,9 +32,21 @@ class ServiceSettings(BaseSettings):
     key_schema_version: int = 1
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the user tower")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads of one search; more hurts latency")
-    admin_token: str | None = Field(None, description="bearer token of /admin/reload; unset disables it")
-    max_k: int = Field(1000, ge=1)
-    max_exclude_items: int = Field(10_000, ge=0)
+    # SecretStr: the token never appears in a repr, a log line or a traceback of the settings.
+    admin_token: SecretStr | None = Field(None, description="bearer token of /admin/*; unset disables them")
+    history_cap: int = Field(
+        FeatureConfig().max_history,
+        ge=1,
+        description="actions kept per user when no model could be loaded at start-up (else the model's)",
+    )
+    max_body_bytes: int = Field(
+        256 * 1024, ge=1024, description="larger request bodies are refused with 413 before being read"
+    )
+    max_pending: int = Field(
+        64,
+        ge=1,
+        description="requests waiting for the model beyond which /recommend sheds load (degraded answer)",
+    )
     warm_up_from: int = Field(10, ge=1, description="interactions from which a user counts as warm-up")
     active_from: int = Field(50, ge=1, description="interactions from which a user counts as active")
 
@@ -43,3 +58,14 @@ def user_group(interaction_count: int, settings: ServiceSettings) -> str:
     if interaction_count >= settings.warm_up_from:
         return "warm_up"
     return "cold_start"
+
+
+def redacted_url(url: str) -> str:
+    """The URL with its password (redis://user:secret@host) replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.hostname or ""
+    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

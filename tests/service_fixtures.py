@@ -27,6 +27,7 @@ import pytest
 import redis
 import torch
 import uvicorn
+from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from index_builder.build import build_index_artifacts
@@ -200,6 +201,7 @@ class LiveServer:
     url: str
     client: httpx.Client
     settings: ServiceSettings
+    app: FastAPI  # for tests that look inside (app.state.coldwarm once started)
 
     def recommend(self, **body: Any) -> httpx.Response:
         return self.client.post("/recommend", json=body)
@@ -240,8 +242,9 @@ def live_server(
     """``create_app(settings)`` served by uvicorn on a free port in a background thread."""
     sock = _free_socket()
     port = sock.getsockname()[1]
+    app = create_app(settings, **app_kwargs)
     config = uvicorn.Config(
-        app=create_app(settings, **app_kwargs),
+        app=app,
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -263,7 +266,7 @@ def live_server(
             time.sleep(0.02)
         with httpx.Client(base_url=url, timeout=30.0) as client:
             assert client.get("/healthz").json() == {"status": "ok"}
-            yield LiveServer(url, client, settings)
+            yield LiveServer(url, client, settings, app)
     finally:
         server.should_exit = True
         thread.join(timeout=30)

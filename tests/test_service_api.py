@@ -307,11 +307,19 @@ def test_event_without_timestamp_uses_now_and_bad_events_are_422(served: Served)
         ({"user_id": user_id}, "body.item_id"),
         ({"user_id": user_id, "item_id": 3, "timestamp": -5}, "body.timestamp"),
         ({"user_id": user_id, "item_id": 3, "rating": 5}, "body.rating"),
+        ({"user_id": user_id, "item_id": 3, "event_id": "has space"}, "body.event_id"),
+        ({"user_id": user_id, "item_id": 3, "event_id": ""}, "body.event_id"),
     ):
         response = client.post("/events", json=body)
         assert response.status_code == 422, response.text
         assert field in response.json()["message"]
     assert client.get(f"/users/{user_id}").json()["interaction_count"] == 1
+
+    # A retry carrying the same event_id (after a 503 or a lost answer) counts once.
+    retry = {"user_id": user_id, "item_id": 6, "event_id": "order-17:view"}
+    answers = [client.post("/events", json=retry).json() for _ in range(3)]
+    assert [a["interaction_count"] for a in answers] == [2, 2, 2]
+    assert answers[-1]["recent_items"] == [6, 5]
 
 
 def test_get_user_of_a_loaded_and_an_unknown_user(served: Served) -> None:
@@ -423,23 +431,24 @@ def test_readyz_with_redis_up(served: Served) -> None:
 
 
 # ----- reload ---------------------------------------------------------------------------------------
-def corrupt_copies(source: Path, into: Path) -> dict[str, Path]:
-    """Broken artifacts directories, each a copy of ``source`` with one thing wrong."""
+def corrupt_copies(source: Path, into: Path) -> dict[str, tuple[Path, str]]:
+    """Broken artifacts directories, each a copy of ``source`` with one thing wrong, and the name the
+    refusal must mention."""
     broken = {}
     truncated = into / "truncated-tower"
     shutil.copytree(source, truncated)
     tower = truncated / USER_TOWER_FILE
     tower.write_bytes(tower.read_bytes()[:100])
-    broken["truncated user tower"] = truncated
+    broken["truncated user tower"] = (truncated, USER_TOWER_FILE)
     no_manifest = into / "no-manifest"
     shutil.copytree(source, no_manifest)
     (no_manifest / MANIFEST_FILE).unlink()
-    broken["manifest removed"] = no_manifest
+    broken["manifest removed"] = (no_manifest, "no-manifest")
     no_index = into / "no-index"
     shutil.copytree(source, no_index)
     shutil.rmtree(no_index / "index")
-    broken["index removed"] = no_index
-    broken["missing directory"] = into / "does-not-exist"
+    broken["index removed"] = (no_index, "no index found")
+    broken["missing directory"] = (into / "does-not-exist", "does-not-exist")
     return broken
 
 
@@ -452,14 +461,18 @@ def test_admin_reload(
     a, b = serving_artifacts.a, serving_artifacts.b
     load_users(redis_client, key_prefix, serving_artifacts)
     user_id = warm_up_user(serving_artifacts)
-    settings = service_settings(a.directory, key_prefix, admin_token="s3cret-token")
+    # A root of this test's own: reloads may only name directories inside the configured root, and the
+    # broken copies below must lie there to be refused for what is wrong with them.
+    root = tmp_path / "artifacts"
+    a_dir, b_dir = (shutil.copytree(v.directory, root / v.directory.name) for v in (a, b))
+    settings = service_settings(a_dir, key_prefix, admin_token="s3cret-token")
     good = {"authorization": "Bearer s3cret-token"}
     with live_server(settings) as server:
         client = server.client
         answer_a = server.recommend(user_id=user_id, k=10).json()
         assert_well_formed(answer_a, 10, serving_artifacts, "a")
 
-        body = {"artifacts_dir": str(b.directory)}
+        body = {"artifacts_dir": b_dir.name}
         for headers in (
             {},
             {"authorization": "Bearer wrong"},
@@ -483,11 +496,13 @@ def test_admin_reload(
         assert_well_formed(answer_b, 10, serving_artifacts, "b")
         assert item_ids(answer_b) != item_ids(answer_a)
 
-        broken = corrupt_copies(a.directory, tmp_path)
-        for name, directory in broken.items():
+        broken = corrupt_copies(a.directory, root)
+        for name, (directory, culprit) in broken.items():
             response = client.post("/admin/reload", json={"artifacts_dir": str(directory)}, headers=good)
             assert response.status_code == 422, (name, response.text)
-            assert "still serving the previous version" in response.json()["detail"], name
+            message = response.json()["message"]
+            assert "still serving the previous version" in message, name
+            assert culprit in message, (name, message)
             still = server.recommend(user_id=user_id, k=10)
             assert still.status_code == 200, (name, still.text)
             assert item_ids(still.json()) == item_ids(answer_b), name
@@ -507,10 +522,18 @@ def test_admin_reload(
         assert response.json()["model_version"] == a.model_version
         assert item_ids(server.recommend(user_id=user_id, k=10).json()) == item_ids(answer_a)
 
-        response = client.post(
-            "/admin/reload", json={"artifacts_dir": str(b.directory), "x": 1}, headers=good
-        )
+        response = client.post("/admin/reload", json={"artifacts_dir": str(b_dir), "x": 1}, headers=good)
         assert response.status_code == 422 and "body.x" in response.json()["message"]
+
+        # Nothing outside the configured root is ever loaded, however it is spelt.
+        for outside in (str(b.directory), "../elsewhere", f"{b_dir.name}/../../{b_dir.name}", "/etc"):
+            response = client.post("/admin/reload", json={"artifacts_dir": outside}, headers=good)
+            assert response.status_code == 422, (outside, response.text)
+            assert "inside the artifacts root" in response.json()["message"], outside
+        (root / "link-out").symlink_to(b.directory)
+        response = client.post("/admin/reload", json={"artifacts_dir": "link-out"}, headers=good)
+        assert response.status_code == 422 and "inside the artifacts root" in response.json()["message"]
+        assert server.recommend(user_id=user_id, k=10).json()["model_version"] == a.model_version
 
 
 def test_admin_reload_is_404_without_a_token(served: Served) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException
 
 from model.artifacts import ArtifactError
+from service.engine import resolve_reload_dir
+from service.errors import documented
 from service.schemas import ReloadRequest, ReloadResponse
 from service.state import ServiceState, State
 
@@ -16,7 +17,8 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 
 
 def check_token(state: ServiceState, authorization: str | None) -> None:
-    token = state.settings.admin_token
+    secret = state.settings.admin_token
+    token = secret.get_secret_value() if secret is not None else ""
     if not token:
         raise HTTPException(404, "admin endpoints are disabled: set COLDWARM_ADMIN_TOKEN to enable them")
     scheme, _, given = (authorization or "").partition(" ")
@@ -24,13 +26,18 @@ def check_token(state: ServiceState, authorization: str | None) -> None:
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
-@router.post("/reload", response_model=ReloadResponse)
+@router.post("/reload", response_model=ReloadResponse, responses=documented(401, 404, 413, 422))
 async def reload(
     state: State, body: ReloadRequest | None = None, authorization: Annotated[str | None, Header()] = None
 ) -> ReloadResponse:
     """Refuses a broken directory with 422 and keeps serving the old version."""
     check_token(state, authorization)
-    directory = Path(body.artifacts_dir) if body and body.artifacts_dir else state.settings.artifacts_dir
+    requested = body.artifacts_dir if body else None
+    try:
+        directory = resolve_reload_dir(state.settings.artifacts_dir, requested)
+    except ValueError as error:
+        state.metrics.reloads.labels("refused").inc()
+        raise HTTPException(422, f"reload refused, still serving the previous version: {error}") from error
     try:
         bundle = await state.recommender.reload(directory, state.index_settings)
     except (ArtifactError, OSError, ValueError, RuntimeError) as error:

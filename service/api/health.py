@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.state import State
@@ -19,20 +19,24 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(state: State) -> JSONResponse:
-    """Artifacts are loaded and the feature store answers; 503 otherwise (the service still serves,
-    degraded, but a load balancer should prefer a ready instance)."""
-    bundle = state.recommender.bundle
+    """Artifacts are loaded and the feature store answers; 503 otherwise. Without Redis the service
+    still serves, degraded, but a load balancer should prefer a ready instance; without artifacts it
+    serves nothing, and the body says why."""
+    recommender = state.recommender
+    bundle = recommender.bundle
     store_ok = await state.store.ping()
+    ready = store_ok and bundle is not None
     body = {
-        "ready": store_ok,
+        "ready": ready,
         "feature_store": {"kind": state.store_kind, "reachable": store_ok},
-        "model_version": bundle.model_version,
-        "index_version": bundle.index_version,
-        "n_items": bundle.n_items,
+        "artifacts": {"loaded": bundle is not None, "error": recommender.load_error},
+        "model_version": bundle.model_version if bundle else None,
+        "index_version": bundle.index_version if bundle else None,
+        "n_items": bundle.n_items if bundle else 0,
     }
-    return JSONResponse(body, status_code=200 if store_ok else 503)
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(state: State) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import ORJSONResponse
 
+from service.engine import NotLoadedError, OverloadedError
+from service.errors import documented
 from service.feature_store import FeatureStoreError, UserRecord
 from service.schemas import RecommendRequest, RecommendResponse
 from service.settings import user_group
@@ -25,7 +27,7 @@ async def read_user(state: ServiceState, user_id: int) -> tuple[UserRecord, str 
         return UserRecord.unknown(user_id), f"feature_store_{error.reason}"
 
 
-@router.post("/recommend", response_model=RecommendResponse)
+@router.post("/recommend", response_model=RecommendResponse, responses=documented(413, 422, 503))
 async def recommend(body: RecommendRequest, state: State, request: Request) -> ORJSONResponse:
     started = time.perf_counter()
     record, degraded_reason = await read_user(state, body.user_id)
@@ -33,7 +35,12 @@ async def recommend(body: RecommendRequest, state: State, request: Request) -> O
     exclude = set(body.exclude_items or ())
     if body.exclude_seen:
         exclude.update(record.actions)
-    result = await state.recommender.recommend(record, int(time.time()), body.k, exclude)
+    try:
+        result = await state.recommender.recommend(record, int(time.time()), body.k, exclude)
+    except OverloadedError:
+        result, degraded_reason = state.recommender.shed(body.k, exclude), "overloaded"
+    except NotLoadedError as error:
+        raise HTTPException(503, f"not ready: {error}") from error
     total_seconds = time.perf_counter() - started
 
     group = user_group(record.count, state.settings)

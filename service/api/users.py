@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 from fastapi import APIRouter, HTTPException, Path, Request
 
+from service.errors import documented
 from service.feature_store import FeatureStoreError, UserRecord
 from service.schemas import EventRequest, ProfileRequest, ProfileResponse, UserState
 from service.settings import user_group
@@ -16,9 +18,12 @@ UserIdPath = Path(ge=0, le=2**63 - 1, description="the user's 64-bit integer id"
 
 
 def unavailable(state: ServiceState, operation: str, error: FeatureStoreError) -> HTTPException:
-    """Writes cannot degrade: say so, so the caller retries instead of losing the event."""
+    """Writes cannot degrade: say so, so the caller retries instead of losing the event. After a
+    timeout Redis may still apply the write; an event retried with its event_id counts once."""
     state.metrics.redis_errors.labels(operation).inc()
-    return HTTPException(503, f"feature store unavailable ({error.reason}); nothing was written, retry")
+    return HTTPException(
+        503, f"feature store unavailable ({error.reason}); not acknowledged: retry (with the same event_id)"
+    )
 
 
 def user_state(record: UserRecord, state: ServiceState) -> UserState:
@@ -32,7 +37,7 @@ def user_state(record: UserRecord, state: ServiceState) -> UserState:
     )
 
 
-@router.post("/events", response_model=UserState)
+@router.post("/events", response_model=UserState, responses=documented(413, 422, 503))
 async def record_event(body: EventRequest, state: State, request: Request) -> UserState:
     """Adds an interaction atomically; the user's next /recommend already uses it."""
     now = int(time.time())
@@ -41,7 +46,10 @@ async def record_event(body: EventRequest, state: State, request: Request) -> Us
         # A future (or millisecond) timestamp would make the user look "active just now" forever.
         raise HTTPException(422, f"timestamp {timestamp} is in the future: send Unix seconds, at most now")
     try:
-        record = await state.store.record_event(body.user_id, body.item_id, timestamp)
+        # An id even when the caller sends none: the Redis client's own retry after a lost reply
+        # then re-sends the same id, and the event counts once.
+        event_id = body.event_id or uuid.uuid4().hex
+        record = await state.store.record_event(body.user_id, body.item_id, timestamp, event_id)
     except FeatureStoreError as error:
         raise unavailable(state, "record_event", error) from error
     answer = user_state(record, state)
@@ -49,7 +57,7 @@ async def record_event(body: EventRequest, state: State, request: Request) -> Us
     return answer
 
 
-@router.put("/users/{user_id}/profile", response_model=ProfileResponse)
+@router.put("/users/{user_id}/profile", response_model=ProfileResponse, responses=documented(413, 422, 503))
 async def put_profile(body: ProfileRequest, state: State, user_id: int = UserIdPath) -> ProfileResponse:
     """Sets the given profile fields; values the model never saw become out-of-vocabulary, not errors."""
     fields = {name: value for name, value in body.model_dump().items() if value is not None}
@@ -61,7 +69,7 @@ async def put_profile(body: ProfileRequest, state: State, user_id: int = UserIdP
     return ProfileResponse(user_id=user_id, profile=record.profile)
 
 
-@router.get("/users/{user_id}", response_model=UserState)
+@router.get("/users/{user_id}", response_model=UserState, responses=documented(422, 503))
 async def get_user(state: State, user_id: int = UserIdPath) -> UserState:
     """What the service knows of a user (an unknown user is a cold-start user with nothing recorded)."""
     try:
