@@ -1,5 +1,5 @@
-"""Helpers of ``bench/serve_latency.py``: an open-loop HTTP load generator, the service as a real uvicorn
-subprocess, Redis key cleanup, latency statistics and the machine description.
+"""Helpers of ``bench/serve_latency.py`` and ``bench/soak.py``: an open-loop HTTP load generator, the
+service as a real uvicorn subprocess, Redis key cleanup, latency statistics and the machine description.
 
 The load generator is a small HTTP/1.1 client on raw asyncio streams (keep-alive connections from a
 pool, no pipelining): httpx costs about a millisecond of CPU per request, which on a 2-core machine
@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -366,6 +366,35 @@ class ConnectionPool:
 STAGES = ("features", "model", "search", "total")
 
 
+@dataclass(slots=True)
+class Outcome:
+    """One request of an open-loop schedule, as the load generator saw it."""
+
+    index: int  # position in the schedule
+    scheduled: float  # time.perf_counter() of its due time
+    lag_s: float  # how late it was handed to the connection pool
+    done: float  # time.perf_counter() when it was answered or failed
+    status: int  # HTTP status; 0 when nothing was answered
+    body: bytes
+    error: str | None  # "timeout" or the exception's name when the transport failed, else None
+
+    @property
+    def latency_ms(self) -> float:
+        """From the *scheduled* send time: client and server queueing count."""
+        return (self.done - self.scheduled) * 1e3
+
+    def parse(self) -> tuple[str | None, Any]:
+        """(error kind, None) for a failure (transport, non-200, bad JSON), else (None, the JSON answer)."""
+        if self.error is not None:
+            return self.error, None
+        if self.status != 200:
+            return f"http_{self.status}", None
+        try:
+            return None, _loads(self.body)
+        except ValueError:
+            return "bad_json", None
+
+
 @dataclass
 class PhaseResult:
     target_rps: float
@@ -391,6 +420,25 @@ class PhaseResult:
     def error_rate(self) -> float:
         return self.errors / self.scheduled if self.scheduled else 1.0
 
+    def add(self, outcome: Outcome) -> None:
+        """Counts one measured request."""
+        self.send_lag_ms.append(outcome.lag_s * 1e3)
+        error, answer = outcome.parse()
+        if error is not None:
+            self.errors += 1
+            self.error_kinds[error] += 1
+            return
+        self.ok += 1
+        self.latencies_ms.append(outcome.latency_ms)
+        self.last_done = max(self.last_done, outcome.done)
+        if answer.get("degraded"):
+            self.degraded += 1
+        stages = answer.get("latency_ms") or {}
+        for name in STAGES:
+            value = stages.get(name)
+            if isinstance(value, int | float):
+                self.stage_ms[name].append(float(value))
+
     def server_stages(self) -> dict[str, float] | None:
         if not self.stage_ms["total"]:
             return None
@@ -415,10 +463,10 @@ def render_request(port: int, path: str, payload: dict[str, Any]) -> bytes:
 async def _one_request(
     pool: ConnectionPool,
     raw: bytes,
+    index: int,
     scheduled: float,
-    measured: bool,
     deadline: float,
-    result: PhaseResult,
+    on_done: Callable[[Outcome], None],
 ) -> None:
     lag = time.perf_counter() - scheduled
     error: str | None = None
@@ -444,32 +492,60 @@ async def _one_request(
         error = "timeout"
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
         error = type(exc).__name__
-    done = time.perf_counter()
-    if not measured:
-        return
-    result.send_lag_ms.append(lag * 1e3)
-    if error is None and status != 200:
-        error = f"http_{status}"
-    if error is not None:
-        result.errors += 1
-        result.error_kinds[error] += 1
-        return
+    on_done(Outcome(index, scheduled, lag, time.perf_counter(), status, body, error))
+
+
+class ScheduleEnd(NamedTuple):
+    abandoned: int  # requests still unfinished after the final wait (cancelled; on_done never saw them)
+    connections_opened: int
+
+
+async def open_loop(
+    port: int,
+    request_at: Callable[[int], bytes],
+    n_requests: int,
+    rate: float,
+    timeout_s: float,
+    max_connections: int,
+    on_done: Callable[[Outcome], None],
+    t0: float | None = None,
+) -> ScheduleEnd:
+    """Sends ``request_at(i)`` for i < n_requests, request i due at t0 + i / rate whatever the server does;
+    ``on_done`` gets the outcome of each one (in the event loop: keep it cheap).
+
+    Bounded: no request is sent after the schedule ends, each one gives up ``timeout_s`` after its due
+    time, and the final wait is bounded too. ``t0`` defaults to 50 ms from now.
+    """
+    pool = ConnectionPool(port, max_connections)
+    if t0 is None:
+        t0 = time.perf_counter() + 0.05
+    tasks: set[asyncio.Task[None]] = set()
+    abandoned = 0
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a client-side collection pause would show up as server latency
     try:
-        answer = _loads(body)
-    except ValueError:
-        result.errors += 1
-        result.error_kinds["bad_json"] += 1
-        return
-    result.ok += 1
-    result.latencies_ms.append((done - scheduled) * 1e3)
-    result.last_done = max(result.last_done, done)
-    if answer.get("degraded"):
-        result.degraded += 1
-    stages = answer.get("latency_ms") or {}
-    for name in STAGES:
-        value = stages.get(name)
-        if isinstance(value, int | float):
-            result.stage_ms[name].append(float(value))
+        for i in range(n_requests):
+            scheduled = t0 + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(
+                _one_request(pool, request_at(i), i, scheduled, scheduled + timeout_s, on_done)
+            )
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            _, pending = await asyncio.wait(set(tasks), timeout=timeout_s + 2.0)
+            for task in pending:  # cannot happen unless a timeout failed to fire; bounded regardless
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
+                abandoned = len(pending)
+    finally:
+        pool.close()
+        if gc_was_enabled:
+            gc.enable()
+    return ScheduleEnd(abandoned, pool.opened)
 
 
 async def run_phase(
@@ -487,43 +563,24 @@ async def run_phase(
     request is sent after the schedule ends, and each one gives up ``timeout_s`` after its due time.
     """
     result = PhaseResult(target_rps=rate, duration_s=duration_s)
-    pool = ConnectionPool(port, max_connections)
     n_total = int(round((warmup_s + duration_s) * rate))
     n_warmup = int(round(warmup_s * rate))
     t0 = time.perf_counter() + 0.05
     result.window_start = t0 + n_warmup / rate
-    tasks: set[asyncio.Task[None]] = set()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # a client-side collection pause would show up as server latency
-    try:
-        for i in range(n_total):
-            scheduled = t0 + i / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            measured = i >= n_warmup
-            result.scheduled += measured
-            task = asyncio.create_task(
-                _one_request(
-                    pool, requests[i % len(requests)], scheduled, measured, scheduled + timeout_s, result
-                )
-            )
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            _, pending = await asyncio.wait(set(tasks), timeout=timeout_s + 2.0)
-            for task in pending:  # cannot happen unless a timeout failed to fire; bounded regardless
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=2.0)
-                missing = result.scheduled - result.ok - result.errors
-                result.errors += missing
-                result.error_kinds["cancelled"] += missing
-    finally:
-        pool.close()
-        result.connections_opened = pool.opened
-        if gc_was_enabled:
-            gc.enable()
+    result.scheduled = n_total - n_warmup
+
+    def measure(outcome: Outcome) -> None:
+        if outcome.index >= n_warmup:
+            result.add(outcome)
+
+    end = await open_loop(
+        port, lambda i: requests[i % len(requests)], n_total, rate, timeout_s, max_connections, measure, t0
+    )
+    result.connections_opened = end.connections_opened
+    if end.abandoned:
+        missing = result.scheduled - result.ok - result.errors
+        result.errors += missing
+        result.error_kinds["cancelled"] += missing
     return result
 
 
