@@ -74,7 +74,7 @@ def create_app(
             serving, load_error = await load_startup_bundle(settings.artifacts_dir, index_settings)
         cap = serving.artifacts.encoder.config.max_history if serving else settings.history_cap
         feature_store, kind = (store, "given") if store is not None else make_store(settings, cap)
-        recommender = Recommender(serving, cap, load_error, settings.max_pending)
+        recommender = Recommender(serving, cap, load_error, settings.max_queue_ms)
         if serving is not None:
             metrics.set_versions(serving.model_version, serving.index_version, serving.n_items)
             log.info(

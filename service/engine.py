@@ -161,12 +161,14 @@ class Recommender:
         bundle: ServingBundle | None,
         history_cap: int,
         load_error: str | None = None,
-        max_pending: int = 64,
+        max_queue_ms: float = 25.0,
     ) -> None:
         self._bundle = bundle
         self.history_cap = history_cap
-        self.max_pending = max_pending
+        self.max_queue_s = max_queue_ms / 1000
         self.pending = 0
+        # Moving average of one computation's seconds, to turn the queue length into a wait.
+        self.service_seconds = 0.001
         self.load_error = load_error if bundle is None else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coldwarm-model")
         self._reload_lock = asyncio.Lock()
@@ -175,20 +177,31 @@ class Recommender:
     def bundle(self) -> ServingBundle | None:
         return self._bundle
 
+    @property
+    def expected_wait_s(self) -> float:
+        """How long a request admitted now would wait for the model thread."""
+        return self.pending * self.service_seconds
+
     async def recommend(self, record: UserRecord, now: int, k: int, exclude: Iterable[int]) -> Recommendation:
         bundle = self._bundle  # one snapshot per request: the model and the index it was built for
         if bundle is None:
             raise NotLoadedError(f"no model loaded: {self.load_error}")
-        if self.pending >= self.max_pending:
-            # Queueing more only makes every answer late; a bounded queue keeps the admitted ones fast.
-            raise OverloadedError(f"{self.pending} requests already wait for the model")
+        if self.expected_wait_s > self.max_queue_s:
+            # Shedding on the expected wait, not on a queue length: a standing queue of any length
+            # would make every admitted answer late by that much, for as long as the overload lasts.
+            raise OverloadedError(
+                f"{self.pending} requests already wait for the model (~{self.expected_wait_s * 1e3:.1f} ms)"
+            )
         # Counted on the event loop only, so no lock: incremented here, decremented when the answer is in.
         self.pending += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, compute, bundle, record, now, k, set(exclude))
+            result = await loop.run_in_executor(self._executor, compute, bundle, record, now, k, set(exclude))
         finally:
             self.pending -= 1
+        seconds = result.model_seconds + result.search_seconds
+        self.service_seconds += 0.1 * (seconds - self.service_seconds)
+        return result
 
     def shed(self, k: int, exclude: Iterable[int]) -> Recommendation:
         """The cold-start answer without touching the model: for requests an overload turned away."""

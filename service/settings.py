@@ -42,10 +42,10 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(
         256 * 1024, ge=1024, description="larger request bodies are refused with 413 before being read"
     )
-    max_pending: int = Field(
-        64,
-        ge=1,
-        description="requests waiting for the model beyond which /recommend sheds load (degraded answer)",
+    max_queue_ms: float = Field(
+        25.0,
+        ge=0,
+        description="expected wait for the model beyond which /recommend sheds load (a degraded answer)",
     )
     warm_up_from: int = Field(10, ge=1, description="interactions from which a user counts as warm-up")
     active_from: int = Field(50, ge=1, description="interactions from which a user counts as active")

@@ -54,6 +54,7 @@ DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
 # Generous: the machine has 2 shared cores, and the default 20 ms would turn a scheduling hiccup into
 # a degraded answer in tests that assert degraded is false. The degraded path has its own test.
 TEST_REDIS_TIMEOUT_MS = 2000.0
+TEST_MAX_QUEUE_MS = 60_000.0
 
 DATA_SEED = 11
 N_USERS, N_ITEMS = 300, 200
@@ -190,6 +191,8 @@ def service_settings(artifacts_dir: Path, key_prefix: str, **overrides: Any) -> 
         "redis_timeout_ms": TEST_REDIS_TIMEOUT_MS,
         "key_prefix": key_prefix,
         "admin_token": None,
+        # Generous for the same reason: tests that fire bursts assert answers that are not shed.
+        "max_queue_ms": TEST_MAX_QUEUE_MS,
     }
     values.update(overrides)
     return ServiceSettings(**values)

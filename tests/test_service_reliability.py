@@ -196,12 +196,14 @@ def _cold_ids(bundle: ServingBundle, k: int, exclude: set[int]) -> list[int]:
     return compute(bundle, UserRecord.unknown(0), int(time.time()), k, exclude).item_ids
 
 
-def test_recommender_sheds_beyond_max_pending_with_the_cold_answer(bundle_a: ServingBundle) -> None:
+def test_recommender_sheds_beyond_its_queue_budget_with_the_cold_answer(bundle_a: ServingBundle) -> None:
     assert bundle_a.cold_answer is not None
     assert len(bundle_a.cold_answer.item_ids) == min(COLD_ANSWER_SIZE, bundle_a.n_items)
 
     async def scenario() -> None:
-        recommender = Recommender(bundle_a, history_cap=50, max_pending=2)
+        # One second per request (as if measured), 1.5 s of queue allowed: two may wait, not three.
+        recommender = Recommender(bundle_a, history_cap=50, max_queue_ms=1500)
+        recommender.service_seconds = 1.0
         model_thread_free = threading.Event()
         recommender._executor.submit(model_thread_free.wait)  # the model thread is busy
         queued = [
@@ -209,13 +211,14 @@ def test_recommender_sheds_beyond_max_pending_with_the_cold_answer(bundle_a: Ser
             for u in (1, 2)
         ]
         await asyncio.sleep(0.05)
-        assert recommender.pending == 2
+        assert recommender.pending == 2 and recommender.expected_wait_s == 2.0
         with pytest.raises(OverloadedError):
             await recommender.recommend(UserRecord.unknown(3), int(time.time()), 5, ())
         model_thread_free.set()
         results = await asyncio.gather(*queued)
         assert all(len(result.item_ids) == 5 for result in results)
         assert recommender.pending == 0
+        assert recommender.service_seconds < 0.9  # moved towards the real (millisecond) cost
         recommender.close()
 
     asyncio.run(scenario())
@@ -230,7 +233,8 @@ def test_recommender_sheds_beyond_max_pending_with_the_cold_answer(bundle_a: Ser
 def test_overloaded_service_answers_degraded_instead_of_queueing(
     serving_artifacts: ServingArtifacts, key_prefix: str
 ) -> None:
-    settings = service_settings(serving_artifacts.a.directory, key_prefix, max_pending=1)
+    # No queueing allowed: a request arriving while another one is computed is shed.
+    settings = service_settings(serving_artifacts.a.directory, key_prefix, max_queue_ms=0)
     with live_server(settings) as server:
         recommender = server.app.state.coldwarm.recommender
         model_thread_free = threading.Event()
