@@ -420,6 +420,11 @@ class PhaseResult:
     def error_rate(self) -> float:
         return self.errors / self.scheduled if self.scheduled else 1.0
 
+    @property
+    def degraded_rate(self) -> float:
+        """Answers that came back degraded (load shed, Redis trouble): served, but not the model's."""
+        return self.degraded / self.scheduled if self.scheduled else 1.0
+
     def add(self, outcome: Outcome) -> None:
         """Counts one measured request."""
         self.send_lag_ms.append(outcome.lag_s * 1e3)

@@ -10,7 +10,8 @@
    sends /recommend (k=50, exclude_seen, ~10% unknown users) at fixed rates, each for a warm-up plus a
    measured window. Latency is client-side, from each request's *scheduled* send time (queueing
    included, no coordinated omission). Then a bounded step search finds the highest rate the service
-   holds: p99 <= --slo-p99-ms, errors <= --max-error-rate, achieved >= --min-achieved x target.
+   holds: p99 <= --slo-p99-ms, errors <= --max-error-rate, degraded answers (load shed) <=
+   --max-degraded-rate, achieved >= --min-achieved x target.
 2. Synthetic catalogs (100k and 1M items by default, d = 64 + 1 folded bias): clustered item vectors
    and user queries built like real users (mean of a history drawn from a few taste clusters, plus
    profile-only cold users). Exact (flat), IVF and HNSW indexes are built with the project's
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--search-factor", type=float, default=1.5, help="step up when every rate passed")
     http.add_argument("--slo-p99-ms", type=float, default=50.0)
     http.add_argument("--max-error-rate", type=float, default=0.01)
+    http.add_argument(
+        "--max-degraded-rate", type=float, default=0.01, help="shed or degraded answers allowed for a pass"
+    )
     http.add_argument("--min-achieved", type=float, default=0.95, help="fraction of the target rate")
     http.add_argument("--k", type=int, default=50)
     http.add_argument("--unknown-fraction", type=float, default=0.1, help="requests for unknown users")
@@ -159,6 +163,7 @@ def passed(phase: PhaseResult, stats: dict[str, Any], args: argparse.Namespace) 
         stats["p99_ms"] is not None
         and stats["p99_ms"] <= args.slo_p99_ms
         and phase.error_rate <= args.max_error_rate
+        and phase.degraded_rate <= args.max_degraded_rate
         and phase.achieved_rps >= args.min_achieved * phase.target_rps
     )
 
@@ -361,6 +366,7 @@ def serve_scenario(
         "criteria": {
             "p99_ms": args.slo_p99_ms,
             "max_error_rate": args.max_error_rate,
+            "max_degraded_rate": args.max_degraded_rate,
             "min_achieved_fraction": args.min_achieved,
         },
         "server_env": {k: v for k, v in env.items() if k.startswith("COLDWARM_") and "TOKEN" not in k},
@@ -781,7 +787,8 @@ def write_results(out: Path, result: dict[str, Any]) -> None:
     summary = "\n".join(
         f"- {s['scenario']} ({s['index_type']}, {s['catalog_size']} items): highest rate held "
         f"{_fmt(s['max_sustained_rps'], 0)} rps (p99 <= {s['criteria']['p99_ms']} ms, errors <= "
-        f"{s['criteria']['max_error_rate']:.0%}, achieved >= {s['criteria']['min_achieved_fraction']:.0%})"
+        f"{s['criteria']['max_error_rate']:.0%}, degraded <= {s['criteria']['max_degraded_rate']:.0%}, "
+        f"achieved >= {s['criteria']['min_achieved_fraction']:.0%})"
         for s in result["summary"]
     )
     out.with_suffix(".md").write_text(f"{table}\n\n{summary}\n")
