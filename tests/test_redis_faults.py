@@ -429,6 +429,10 @@ def test_redis_kill_restart_and_pause_under_steady_load(
         outcomes, t = asyncio.run(run_scenario(server.url, private_redis, plan))
         # What a caller does with a 503: retry with the same event_id. Some of these were applied
         # anyway (a timeout during the pause); their ids make the retry a no-op.
+        before_retries = {
+            u: (Counter(stored_actions(admin, layout, u)), stored_count(admin, layout, u))
+            for u in plan.event_users
+        }
         retried = [o.planned for o in outcomes if o.planned.kind == "event" and o.status == 503]
         retries = [server.client.post("/events", json=event_body(planned)) for planned in retried]
     assert t.end > 0, "the fault script did not finish"
@@ -509,8 +513,7 @@ def test_redis_kill_restart_and_pause_under_steady_load(
         (acked if o.status == 200 else refused)[o.planned.user_id][o.planned.item_id] += 1
     assert sum(map(len, refused.values())) > 0 and sum(map(len, acked.values())) > 0
     for user in plan.event_users:
-        stored = Counter(stored_actions(admin, layout, user))
-        count = stored_count(admin, layout, user)
+        stored, count = before_retries[user]
         assert count == sum(stored.values()) <= serving_artifacts.max_history
         assert sum(acked[user].values()) <= count <= sum(acked[user].values()) + sum(refused[user].values())
         assert not acked[user] - stored, f"user {user}: acknowledged events missing {acked[user] - stored}"
@@ -518,9 +521,7 @@ def test_redis_kill_restart_and_pause_under_steady_load(
         # Each acknowledged event got a count of its own, within what is stored.
         counts = [o.count for o in events if o.planned.user_id == user and o.status == 200]
         assert len(set(counts)) == len(counts) and max(counts, default=0) <= count
-    applied_anyway = sum(
-        sum((refused[u] & Counter(stored_actions(admin, layout, u))).values()) for u in refused
-    )
+    applied_anyway = sum(sum((refused[u] & before_retries[u][0]).values()) for u in refused)
     print(
         f"{sum(map(len, refused.values()))} events refused with 503, {applied_anyway} of them stored anyway"
     )
