@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
+import orjson
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import Response
 
 from service.engine import NotLoadedError, OverloadedError
 from service.errors import documented
@@ -28,7 +29,7 @@ async def read_user(state: ServiceState, user_id: int) -> tuple[UserRecord, str 
 
 
 @router.post("/recommend", response_model=RecommendResponse, responses=documented(413, 422, 503))
-async def recommend(body: RecommendRequest, state: State, request: Request) -> ORJSONResponse:
+async def recommend(body: RecommendRequest, state: State, request: Request) -> Response:
     started = time.perf_counter()
     record, degraded_reason = await read_user(state, body.user_id)
     features_seconds = time.perf_counter() - started
@@ -74,4 +75,4 @@ async def recommend(body: RecommendRequest, state: State, request: Request) -> O
             "total": total_seconds * 1e3,
         },
     }
-    return ORJSONResponse(body_out)
+    return Response(orjson.dumps(body_out), media_type="application/json")
