@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,8 +42,9 @@ from model.artifacts import (
     MANIFEST_FILE,
     ArtifactError,
     load_artifacts,
+    publish_version,
     resolve_version_dir,
-    write_latest,
+    staging_directory,
 )
 from model.data.schema import InteractionData
 
@@ -82,25 +81,12 @@ def index_version(index_file: Path, params: dict[str, Any]) -> str:
 
 def _publish(root: Path, index: faiss.Index, manifest: dict[str, Any]) -> Path:
     """Writes index + manifest into a staging directory, renames it to its version, points LATEST at it."""
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
-    try:
+    with staging_directory(root) as staging:
         write_index(index, staging / INDEX_FILE)
         version = index_version(staging / INDEX_FILE, {"type": manifest["type"], **manifest["params"]})
         manifest = {"index_version": version, **manifest}
         (staging / INDEX_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        target = root / version
-        if target.exists():
-            # Same content hash: the same index. Keep the old directory, which a server may have open.
-            logger.info("index %s already exists at %s; keeping it", version, target)
-            shutil.rmtree(staging)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    write_latest(root, version)
-    return target
+        return publish_version(root, staging, version)
 
 
 def build_index_artifacts(

@@ -99,9 +99,7 @@ def write_artifacts(
     manifest: dict[str, Any],
 ) -> Path:
     """Writes a complete version directory atomically (temp dir, then rename) and points LATEST at it."""
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
-    try:
+    with staging_directory(root) as staging:
         torch.jit.save(torch.jit.script(user_tower), str(staging / USER_TOWER_FILE))
         np.savez(
             staging / ITEMS_FILE,
@@ -120,13 +118,32 @@ def write_artifacts(
             "embedding_dim": int(items.embeddings.shape[1]),
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(full_manifest, indent=2, sort_keys=True))
-        target = root / version
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        return publish_version(root, staging, version)
+
+
+@contextmanager
+def staging_directory(root: Path) -> Iterator[Path]:
+    """A fresh directory under ``root`` to write a version into; removed if the writing fails."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def publish_version(root: Path, staging: Path, version: str) -> Path:
+    """Renames a complete staging directory to ``root/version`` and points LATEST at it.
+
+    The name is a hash of the content, so an existing directory of that name holds the same files:
+    it is kept (a server may have it open) and the staging copy dropped.
+    """
+    target = root / version
+    if target.exists():
+        shutil.rmtree(staging)
+    else:
+        staging.rename(target)
     write_latest(root, version)
     return target
 
