@@ -6,6 +6,7 @@ cold-start answer), and secrets kept out of logs. Real uvicorn and the real Redi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import logging
@@ -17,11 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import redis
+import torch
 
 from index_builder.build import INDEX_FILE, INDEX_MANIFEST_FILE, resolve_index_dir
+from index_builder.faiss_index import build_index, search
 from index_builder.settings import IndexSettings
+from index_builder.vectors import query_vectors
 from model.artifacts import FEATURES_FILE, MANIFEST_FILE, USER_TOWER_FILE, ArtifactError
 from service.engine import (
     COLD_ANSWER_SIZE,
@@ -31,7 +36,7 @@ from service.engine import (
     compute,
     load_bundle,
 )
-from service.feature_store import UserRecord
+from service.feature_store import UserRecord, records_to_raw_users
 from service.settings import redacted_url
 
 pytest.register_assert_rewrite("service_fixtures")
@@ -261,6 +266,32 @@ def test_overloaded_service_answers_degraded_instead_of_queueing(
         assert first[0].status_code == 200 and first[0].json()["degraded"] is False
         samples = server.client.get("/metrics").text
         assert 'coldwarm_degraded_answers_total{reason="overloaded"} 1.0' in samples
+
+
+# ----- approximate index running short -----------------------------------------------------------------
+def test_an_approximate_index_that_runs_short_falls_back_to_exact_search(bundle_a: ServingBundle) -> None:
+    """IVF probing 1 of 4 lists reaches about a quarter of the catalog: a large k still gets k items, the
+    exact ranking's."""
+    item_ids = bundle_a.artifacts.items.item_ids
+    ivf = build_index(bundle_a.vectors, item_ids, IndexSettings(type="ivf", nlist=4, nprobe=1))
+    short = dataclasses.replace(bundle_a, index=ivf)
+    record, now, k = UserRecord.unknown(0), int(time.time()), len(item_ids) - 5
+    _, reached = search(ivf, query_of(short, record, now), k)
+    assert (reached[0] < 0).any(), "the IVF index was meant to run short"
+    answer = compute(short, record, now, k, {int(item_ids[0])})
+    exact = compute(bundle_a, record, now, k, {int(item_ids[0])})
+    assert len(answer.item_ids) == k
+    assert answer.item_ids == exact.item_ids
+    assert answer.scores == pytest.approx(exact.scores, abs=1e-5)
+
+
+def query_of(bundle: ServingBundle, record: UserRecord, now: int) -> np.ndarray:
+    encoder = bundle.artifacts.encoder
+    encoded = encoder.encode_users(records_to_raw_users([record], now, encoder.config.max_history))
+    embedding, _, _ = bundle.artifacts.user_tower(
+        torch.from_numpy(encoded.profile), torch.from_numpy(encoded.history), torch.from_numpy(encoded.state)
+    )
+    return query_vectors(embedding.detach().numpy())
 
 
 # ----- secrets -----------------------------------------------------------------------------------------
