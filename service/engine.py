@@ -14,7 +14,6 @@ import dataclasses
 import gc
 import logging
 import time
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +97,10 @@ def shed_answer(bundle: ServingBundle, k: int, exclude: set[int]) -> Recommendat
     )
 
 
-def compute(bundle: ServingBundle, record: UserRecord, now: int, k: int, exclude: set[int]) -> Recommendation:
-    """Top-k items for one user: encode → user tower → FAISS → drop excluded items → add b_u."""
-    started = time.perf_counter()
+def embed_user(
+    bundle: ServingBundle, record: UserRecord, now: int
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """(FAISS query (1, d + 1), user bias b_u (1,), gate weights (1, 2)) of one user at time ``now``."""
     encoder = bundle.artifacts.encoder
     encoded = encoder.encode_users(records_to_raw_users([record], now, encoder.config.max_history))
     with torch.inference_mode():  # cheaper than no_grad: no version counters on the outputs
@@ -109,7 +109,13 @@ def compute(bundle: ServingBundle, record: UserRecord, now: int, k: int, exclude
             torch.from_numpy(encoded.history),
             torch.from_numpy(encoded.state),
         )
-    queries = query_vectors(embedding.numpy())
+    return query_vectors(embedding.numpy()), user_bias, gate
+
+
+def compute(bundle: ServingBundle, record: UserRecord, now: int, k: int, exclude: set[int]) -> Recommendation:
+    """Top-k items for one user: encode → user tower → FAISS → drop excluded items → add b_u."""
+    started = time.perf_counter()
+    queries, user_bias, gate = embed_user(bundle, record, now)
     model_done = time.perf_counter()
     # Over-fetching by the number of exclusions guarantees k survivors whenever the catalog has them.
     fetch = min(k + len(exclude), bundle.n_items)
@@ -182,7 +188,7 @@ class Recommender:
         """How long a request admitted now would wait for the model thread."""
         return self.pending * self.service_seconds
 
-    async def recommend(self, record: UserRecord, now: int, k: int, exclude: Iterable[int]) -> Recommendation:
+    async def recommend(self, record: UserRecord, now: int, k: int, exclude: set[int]) -> Recommendation:
         bundle = self._bundle  # one snapshot per request: the model and the index it was built for
         if bundle is None:
             raise NotLoadedError(f"no model loaded: {self.load_error}")
@@ -196,19 +202,19 @@ class Recommender:
         self.pending += 1
         try:
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._executor, compute, bundle, record, now, k, set(exclude))
+            result = await loop.run_in_executor(self._executor, compute, bundle, record, now, k, exclude)
         finally:
             self.pending -= 1
         seconds = result.model_seconds + result.search_seconds
         self.service_seconds += 0.1 * (seconds - self.service_seconds)
         return result
 
-    def shed(self, k: int, exclude: Iterable[int]) -> Recommendation:
+    def shed(self, k: int, exclude: set[int]) -> Recommendation:
         """The cold-start answer without touching the model: for requests an overload turned away."""
         bundle = self._bundle
         if bundle is None:
             raise NotLoadedError(f"no model loaded: {self.load_error}")
-        return shed_answer(bundle, k, set(exclude))
+        return shed_answer(bundle, k, exclude)
 
     async def reload(self, artifacts_dir: Path, index_settings: IndexSettings) -> ServingBundle:
         """Loads and warms a new bundle off the serving thread, then swaps; on error the old one stays."""

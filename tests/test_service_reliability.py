@@ -18,15 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import redis
-import torch
 
 from index_builder.build import INDEX_FILE, INDEX_MANIFEST_FILE, resolve_index_dir
 from index_builder.faiss_index import build_index, search
 from index_builder.settings import IndexSettings
-from index_builder.vectors import query_vectors
 from model.artifacts import FEATURES_FILE, MANIFEST_FILE, USER_TOWER_FILE, ArtifactError
 from service.engine import (
     COLD_ANSWER_SIZE,
@@ -34,9 +31,10 @@ from service.engine import (
     Recommender,
     ServingBundle,
     compute,
+    embed_user,
     load_bundle,
 )
-from service.feature_store import UserRecord, records_to_raw_users
+from service.feature_store import UserRecord
 from service.settings import redacted_url
 
 pytest.register_assert_rewrite("service_fixtures")
@@ -212,13 +210,13 @@ def test_recommender_sheds_beyond_its_queue_budget_with_the_cold_answer(bundle_a
         model_thread_free = threading.Event()
         recommender._executor.submit(model_thread_free.wait)  # the model thread is busy
         queued = [
-            asyncio.create_task(recommender.recommend(UserRecord.unknown(u), int(time.time()), 5, ()))
+            asyncio.create_task(recommender.recommend(UserRecord.unknown(u), int(time.time()), 5, set()))
             for u in (1, 2)
         ]
         await asyncio.sleep(0.05)
         assert recommender.pending == 2 and recommender.expected_wait_s == 2.0
         with pytest.raises(OverloadedError):
-            await recommender.recommend(UserRecord.unknown(3), int(time.time()), 5, ())
+            await recommender.recommend(UserRecord.unknown(3), int(time.time()), 5, set())
         model_thread_free.set()
         results = await asyncio.gather(*queued)
         assert all(len(result.item_ids) == 5 for result in results)
@@ -276,22 +274,13 @@ def test_an_approximate_index_that_runs_short_falls_back_to_exact_search(bundle_
     ivf = build_index(bundle_a.vectors, item_ids, IndexSettings(type="ivf", nlist=4, nprobe=1))
     short = dataclasses.replace(bundle_a, index=ivf)
     record, now, k = UserRecord.unknown(0), int(time.time()), len(item_ids) - 5
-    _, reached = search(ivf, query_of(short, record, now), k)
+    _, reached = search(ivf, embed_user(short, record, now)[0], k)
     assert (reached[0] < 0).any(), "the IVF index was meant to run short"
     answer = compute(short, record, now, k, {int(item_ids[0])})
     exact = compute(bundle_a, record, now, k, {int(item_ids[0])})
     assert len(answer.item_ids) == k
     assert answer.item_ids == exact.item_ids
     assert answer.scores == pytest.approx(exact.scores, abs=1e-5)
-
-
-def query_of(bundle: ServingBundle, record: UserRecord, now: int) -> np.ndarray:
-    encoder = bundle.artifacts.encoder
-    encoded = encoder.encode_users(records_to_raw_users([record], now, encoder.config.max_history))
-    embedding, _, _ = bundle.artifacts.user_tower(
-        torch.from_numpy(encoded.profile), torch.from_numpy(encoded.history), torch.from_numpy(encoded.state)
-    )
-    return query_vectors(embedding.detach().numpy())
 
 
 # ----- secrets -----------------------------------------------------------------------------------------
