@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.feature_store.records import EVENT_ID_PATTERN, EVENT_IDS_KEPT
+
 # Ids are 64-bit integers in every feed backend we serve; reject what would overflow FAISS's int64.
 UserId = Field(ge=0, le=2**63 - 1, description="the user's 64-bit integer id")
 
@@ -55,11 +57,9 @@ class EventRequest(StrictModel):
     timestamp: int | None = Field(None, ge=0, description="Unix seconds; default: now")
     event_id: str | None = Field(
         None,
-        min_length=1,
-        max_length=64,
-        pattern=r"^[A-Za-z0-9_.:-]+$",
-        description="idempotency key: a retry with the id of one of the user's last 8 events is not "
-        "counted again (send one to retry safely after a 503 or a lost answer)",
+        pattern=EVENT_ID_PATTERN,
+        description=f"idempotency key: a retry with the id of one of the user's last {EVENT_IDS_KEPT} events "
+        "is not counted again (send one to retry safely after a 503 or a lost answer)",
     )
 
 

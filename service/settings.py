@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.settings import FeatureConfig
+from service.feature_store.records import DEFAULT_CAP
 
 
 class ServiceSettings(BaseSettings):
@@ -35,7 +35,7 @@ class ServiceSettings(BaseSettings):
     # SecretStr: the token never appears in a repr, a log line or a traceback of the settings.
     admin_token: SecretStr | None = Field(None, description="bearer token of /admin/*; unset disables them")
     history_cap: int = Field(
-        FeatureConfig().max_history,
+        DEFAULT_CAP,
         ge=1,
         description="actions kept per user when no model could be loaded at start-up (else the model's)",
     )

@@ -183,7 +183,9 @@ def check_event(user_id: int, item_id: int, timestamp: int) -> tuple[int, int, i
 
 # Ids of a user's last events kept for deduplication: enough for any retry of the latest few events.
 EVENT_IDS_KEPT = 8
-_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# No spaces: the script keeps the ids space-separated. The API validates with the same pattern.
+EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+_EVENT_ID = re.compile(EVENT_ID_PATTERN)
 
 
 def check_event_id(event_id: str | None) -> str:
