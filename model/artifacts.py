@@ -168,6 +168,14 @@ def resolve_version_dir(path: Path) -> Path:
     )
 
 
+def artifacts_root(path: Path) -> Path:
+    """The directory versions live in: ``path`` itself, or its parent when it is a version directory."""
+    path = Path(path)
+    if (path / MANIFEST_FILE).is_file() and not (path / LATEST_FILE).is_file():
+        return path.parent
+    return path
+
+
 def load_artifacts(path: Path, map_location: str = "cpu") -> Artifacts:
     """Loads and cross-checks a version directory; any inconsistency is an ArtifactError naming the file.
 

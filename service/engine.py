@@ -27,7 +27,7 @@ from index_builder.build import load_index
 from index_builder.faiss_index import exact_search, search
 from index_builder.settings import IndexSettings
 from index_builder.vectors import fold_bias, query_vectors
-from model.artifacts import LATEST_FILE, MANIFEST_FILE, ArtifactError, Artifacts, load_artifacts
+from model.artifacts import ArtifactError, Artifacts, artifacts_root, load_artifacts
 from service.feature_store import UserRecord, records_to_raw_users
 
 log = logging.getLogger(__name__)
@@ -264,14 +264,6 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _load_libc()
-
-
-def artifacts_root(configured: Path) -> Path:
-    """The directory versions live in: the configured one, or its parent when it names a version."""
-    configured = Path(configured)
-    if (configured / MANIFEST_FILE).is_file() and not (configured / LATEST_FILE).is_file():
-        return configured.parent
-    return configured
 
 
 def resolve_reload_dir(configured: Path, requested: str | None) -> Path:

@@ -28,15 +28,18 @@ def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody} for status in statuses}
 
 
+def render_error(content: Any) -> bytes:
+    return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 class ErrorResponse(JSONResponse):
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+        return render_error(content)
 
 
-def error_body(message: str, detail: Any = None) -> bytes:
-    return ErrorResponse(None).render(
-        {"message": message, "detail": detail if detail is not None else message}
-    )
+def error_body(message: str) -> bytes:
+    """The body of an error answered outside the app's handlers (by ASGI middleware)."""
+    return render_error({"message": message, "detail": message})
 
 
 def validation_message(errors: list[dict[str, Any]]) -> str:
