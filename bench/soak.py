@@ -456,10 +456,9 @@ def event_audit(
 
 
 def fresh_groups(counts: np.ndarray) -> dict[str, int]:
-    from service.settings import ServiceSettings, user_group
+    from model.evaluation.protocol import user_group
 
-    settings = ServiceSettings()
-    return dict(Counter(user_group(int(c), settings) for c in counts))
+    return dict(Counter(user_group(int(c)) for c in counts))
 
 
 @contextlib.contextmanager

@@ -20,6 +20,13 @@ class RecommendRequest(StrictModel):
     k: int = Field(50, ge=1, le=1000, description="number of items to return")
     exclude_seen: bool = Field(True, description="drop the items in the user's recent actions")
     exclude_items: list[int] | None = Field(None, max_length=10_000, description="more item ids to drop")
+    request_time: int | None = Field(
+        None,
+        ge=0,
+        description="Unix seconds: the moment the recommendation is for, used as 'now' by the state "
+        "features (days since the first and the last action); for replays, backfills and shadow "
+        "traffic. Default: the wall clock. Not in the future.",
+    )
 
 
 class ScoredItem(BaseModel):

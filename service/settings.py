@@ -27,6 +27,9 @@ class ServiceSettings(BaseSettings):
     max_event_skew_s: int = Field(
         86_400, ge=0, description="how far in the future an event timestamp may lie"
     )
+    max_request_time_skew_s: int = Field(
+        60, ge=0, description="how far ahead of the wall clock a /recommend request_time may lie (clock skew)"
+    )
     redis_max_connections: int = Field(64, ge=1)
     key_prefix: str = "coldwarm"
     key_schema_version: int = 1
@@ -47,17 +50,6 @@ class ServiceSettings(BaseSettings):
         ge=0,
         description="expected wait for the model beyond which /recommend sheds load (a degraded answer)",
     )
-    warm_up_from: int = Field(10, ge=1, description="interactions from which a user counts as warm-up")
-    active_from: int = Field(50, ge=1, description="interactions from which a user counts as active")
-
-
-def user_group(interaction_count: int, settings: ServiceSettings) -> str:
-    """The protocol's groups, by the interactions a user has had so far."""
-    if interaction_count >= settings.active_from:
-        return "active"
-    if interaction_count >= settings.warm_up_from:
-        return "warm_up"
-    return "cold_start"
 
 
 def redacted_url(url: str) -> str:

@@ -22,8 +22,9 @@ import httpx
 import pytest
 import redis
 
+from model.evaluation.protocol import user_group
 from service.feature_store import KeyLayout
-from service.settings import ServiceSettings, user_group
+from service.settings import ServiceSettings
 
 pytest.register_assert_rewrite("service_fixtures")
 from service_fixtures import (  # noqa: E402
@@ -138,7 +139,7 @@ def test_concurrent_events_and_reads_of_the_same_users_stay_consistent(
             state = answer.body
             count, recent = state["interaction_count"], state["recent_items"]
             assert state["user_id"] == user
-            assert state["user_group"] == user_group(count, settings)
+            assert state["user_group"] == user_group(count)
             if len(recent) != min(count, cap) or recent != state_after(order, count, cap):
                 torn.append((answer.op.kind, user, count, len(recent)))
                 continue
@@ -159,7 +160,7 @@ def test_concurrent_events_and_reads_of_the_same_users_stay_consistent(
             "first_timestamp": min(item_stamps.values()),
             "last_timestamp": max(item_stamps.values()),
             "recent_items": expected,
-            "user_group": user_group(EVENTS_PER_USER, settings),
+            "user_group": user_group(EVENTS_PER_USER),
         }
     assert not torn, f"{len(torn)} torn reads (kind, user, count, len(recent_items)): {torn[:10]}"
     # The reads did race the writes: most saw a user part way through its events.

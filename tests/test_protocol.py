@@ -11,8 +11,10 @@ import pytest
 
 from model.data.schema import InteractionData, make_interaction_data
 from model.evaluation.protocol import (
+    ACTIVE_FROM,
     EMPTY_SLOT,
     HISTORY_LENGTHS,
+    WARM_UP_FROM,
     EvalPoint,
     build_eval_points,
     evaluate,
@@ -20,6 +22,15 @@ from model.evaluation.protocol import (
     groups_of,
     summarise,
     top_k,
+    user_group,
+)
+
+# The protocol's groups as shared/DESIGN.md defines them over its history lengths, written out
+# independently of user_group: the one definition must reproduce them exactly.
+PROTOCOL_GROUPS = (
+    {h: "cold_start" for h in (0, 1, 2, 3, 5)}
+    | {h: "warm_up" for h in (10, 20, 30)}
+    | {h: "active" for h in (50, 100)}
 )
 
 
@@ -84,8 +95,50 @@ def test_h_zero_has_empty_history(data: InteractionData) -> None:
 
 def test_group_assignment() -> None:
     assert [group_of(h) for h in HISTORY_LENGTHS] == ["cold_start"] * 5 + ["warm_up"] * 3 + ["active"] * 2
-    assert groups_of(7) == ("all",)
     assert groups_of(0) == ("cold_start", "all")
+    assert groups_of(30) == ("warm_up", "all")
+
+
+def test_user_groups_over_the_history_lengths_are_the_protocols() -> None:
+    assert set(PROTOCOL_GROUPS) == set(HISTORY_LENGTHS)
+    for h in HISTORY_LENGTHS:
+        assert user_group(h) == group_of(h) == PROTOCOL_GROUPS[h], h
+        assert groups_of(h) == (PROTOCOL_GROUPS[h], "all"), h
+
+
+def test_user_group_boundaries() -> None:
+    # The service labels every count, also those between the protocol's history lengths.
+    assert (WARM_UP_FROM, ACTIVE_FROM) == (10, 50)
+    assert [user_group(n) for n in (0, 9, 10, 49, 50, 10_000)] == [
+        "cold_start",
+        "cold_start",
+        "warm_up",
+        "warm_up",
+        "active",
+        "active",
+    ]
+
+
+def test_evaluation_group_means_are_the_protocol_groups_means() -> None:
+    # Three users long enough for points at every history length, ranked by random fixed scores.
+    rng = np.random.default_rng(0)
+    n_items = 150
+    rows = [
+        (user, int(item), t)
+        for user in (1, 2, 3)
+        for t, item in enumerate(rng.permutation(n_items)[: 110 + 10 * user])
+    ]
+    data = make_data(rows)
+    catalog = data.catalog_item_ids()
+    points = build_eval_points(data, [1, 2, 3])
+    assert {p.h for p in points} == set(HISTORY_LENGTHS)
+    result = evaluate(FixedRanker(rng.normal(size=len(catalog))), points, catalog, progress=False)
+    for group in ("cold_start", "warm_up", "active"):
+        mask = np.array([PROTOCOL_GROUPS[int(h)] == group for h in result.point_h])
+        assert result.points[group] == int(mask.sum()) > 0, group
+        for metric, values in result.per_point.items():
+            assert result.groups[group][metric] == pytest.approx(float(values[mask].mean())), (group, metric)
+    assert result.points["all"] == len(points)
 
 
 def test_top_k_breaks_ties_by_lower_index() -> None:
@@ -145,13 +198,13 @@ def test_evaluate_ties_follow_catalog_order(data: InteractionData) -> None:
 
 def test_group_means_weight_points_equally() -> None:
     per_point = {"recall@10": np.array([0.0, 0.2, 0.4, 1.0, 0.6])}
-    h = np.array([0, 5, 10, 50, 7])
+    h = np.array([0, 5, 10, 50, 7])  # 7 is no protocol length; 7 interactions are cold-start
     result = summarise("x", per_point, h, np.arange(5))
-    assert result.groups["cold_start"]["recall@10"] == pytest.approx(0.1)
+    assert result.groups["cold_start"]["recall@10"] == pytest.approx(0.8 / 3)
     assert result.groups["warm_up"]["recall@10"] == pytest.approx(0.4)
     assert result.groups["active"]["recall@10"] == pytest.approx(1.0)
     assert result.groups["all"]["recall@10"] == pytest.approx(0.44)
-    assert result.points == {"cold_start": 2, "warm_up": 1, "active": 1, "all": 5}
+    assert result.points == {"cold_start": 3, "warm_up": 1, "active": 1, "all": 5}
     assert result.curve[7]["recall@10"] == pytest.approx(0.6)
 
 

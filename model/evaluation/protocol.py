@@ -21,23 +21,32 @@ HISTORY_LENGTHS: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 20, 30, 50, 100)
 KS: tuple[int, ...] = (10, 50, 100)
 N_TARGETS = 10
 GROUP_NAMES: tuple[str, ...] = ("cold_start", "warm_up", "active", "all")
+# The user groups by interactions so far: cold_start below WARM_UP_FROM, warm_up below ACTIVE_FROM,
+# active from there on. Fixed with the protocol (reported results compare groups across models and
+# runs), hence constants, not settings. Over HISTORY_LENGTHS they are the protocol's groups:
+# cold_start h <= 5, warm_up 10 <= h <= 30, active h >= 50.
+WARM_UP_FROM = 10
+ACTIVE_FROM = 50
 
 
-def group_of(h: int) -> str | None:
-    """The user group a history length belongs to (None for lengths between the groups)."""
-    if h <= 5:
-        return "cold_start"
-    if 10 <= h <= 30:
-        return "warm_up"
-    if h >= 50:
+def user_group(interaction_count: int) -> str:
+    """The group of a user who has had ``interaction_count`` interactions: the one definition, used by
+    the evaluation (a point's h) and by the service (the user's count)."""
+    if interaction_count >= ACTIVE_FROM:
         return "active"
-    return None
+    if interaction_count >= WARM_UP_FROM:
+        return "warm_up"
+    return "cold_start"
+
+
+def group_of(h: int) -> str:
+    """The group of a point with history length h: its user has had h interactions."""
+    return user_group(h)
 
 
 def groups_of(h: int) -> tuple[str, ...]:
-    """Every group a point counts in: its own group, if any, and "all"."""
-    group = group_of(h)
-    return ("all",) if group is None else (group, "all")
+    """Every group a point counts in: its own group and "all"."""
+    return (group_of(h), "all")
 
 
 @dataclass(frozen=True)

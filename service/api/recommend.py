@@ -8,11 +8,11 @@ import orjson
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
+from model.evaluation.protocol import user_group
 from service.engine import NotLoadedError, OverloadedError
 from service.errors import documented
 from service.feature_store import FeatureStoreError, UserRecord
 from service.schemas import RecommendRequest, RecommendResponse
-from service.settings import user_group
 from service.state import ServiceState, State
 
 router = APIRouter(tags=["recommend"])
@@ -28,23 +28,37 @@ async def read_user(state: ServiceState, user_id: int) -> tuple[UserRecord, str 
         return UserRecord.unknown(user_id), f"feature_store_{error.reason}"
 
 
+def request_time(body: RecommendRequest, state: ServiceState) -> int:
+    """The 'now' of the state features: the request's own time (replays, backfills), else the clock."""
+    wall_clock = int(time.time())
+    if body.request_time is None:
+        return wall_clock
+    if body.request_time > wall_clock + state.settings.max_request_time_skew_s:
+        # A future "now" would shrink every user's gaps to nothing, or below zero: refuse it.
+        raise HTTPException(
+            422, f"request_time {body.request_time} is in the future: send Unix seconds, at most now"
+        )
+    return body.request_time
+
+
 @router.post("/recommend", response_model=RecommendResponse, responses=documented(413, 422, 503))
 async def recommend(body: RecommendRequest, state: State, request: Request) -> Response:
     started = time.perf_counter()
+    now = request_time(body, state)
     record, degraded_reason = await read_user(state, body.user_id)
     features_seconds = time.perf_counter() - started
     exclude = set(body.exclude_items or ())
     if body.exclude_seen:
         exclude.update(record.actions)
     try:
-        result = await state.recommender.recommend(record, int(time.time()), body.k, exclude)
+        result = await state.recommender.recommend(record, now, body.k, exclude)
     except OverloadedError:
         result, degraded_reason = state.recommender.shed(body.k, exclude), "overloaded"
     except NotLoadedError as error:
         raise HTTPException(503, f"not ready: {error}") from error
     total_seconds = time.perf_counter() - started
 
-    group = user_group(record.count, state.settings)
+    group = user_group(record.count)
     request.state.user_group = group
     metrics = state.metrics
     for stage, seconds in (

@@ -7,10 +7,10 @@ import uuid
 
 from fastapi import APIRouter, HTTPException, Path, Request
 
+from model.evaluation.protocol import user_group
 from service.errors import documented
 from service.feature_store import FeatureStoreError, UserRecord
 from service.schemas import EventRequest, ProfileRequest, ProfileResponse, UserState
-from service.settings import user_group
 from service.state import ServiceState, State
 
 router = APIRouter(tags=["users"])
@@ -26,14 +26,14 @@ def unavailable(state: ServiceState, operation: str, error: FeatureStoreError) -
     )
 
 
-def user_state(record: UserRecord, state: ServiceState) -> UserState:
+def user_state(record: UserRecord) -> UserState:
     return UserState(
         user_id=record.user_id,
         interaction_count=record.count,
         first_timestamp=record.first_ts,
         last_timestamp=record.last_ts,
         recent_items=record.actions,
-        user_group=user_group(record.count, state.settings),
+        user_group=user_group(record.count),
     )
 
 
@@ -52,7 +52,7 @@ async def record_event(body: EventRequest, state: State, request: Request) -> Us
         record = await state.store.record_event(body.user_id, body.item_id, timestamp, event_id)
     except FeatureStoreError as error:
         raise unavailable(state, "record_event", error) from error
-    answer = user_state(record, state)
+    answer = user_state(record)
     request.state.user_group = answer.user_group
     return answer
 
@@ -76,4 +76,4 @@ async def get_user(state: State, user_id: int = UserIdPath) -> UserState:
         [record] = await state.store.get_users([user_id])
     except FeatureStoreError as error:
         raise unavailable(state, "get_users", error) from error
-    return user_state(record, state)
+    return user_state(record)
