@@ -6,7 +6,7 @@ Layout of one version directory (the version is a hash of its content)::
         user_tower.pt     TorchScript: (profile, history, state) -> (e_u, b_u, gate)
         items.npz         item_ids int64 (n,), embeddings float32 (n, d) unit-norm, bias float32 (n,)
         features.json     the fitted FeatureEncoder (vocabularies, buckets, catalog)
-        manifest.json     version, data fingerprint, configs, cosine scale, metrics
+        manifest.json     version, data fingerprint and source, configs, cosine scale, metrics
     <root>/LATEST         the newest version's name
 """
 
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.data.loading import SYNTHETIC, load_dataset
 from model.data.schema import InteractionData
 from model.features import FeatureEncoder
 
@@ -42,6 +43,10 @@ ARTIFACT_FILES = (*CONTENT_FILES, MANIFEST_FILE)
 
 class ArtifactError(RuntimeError):
     """An artifacts directory that is missing, incomplete or inconsistent."""
+
+
+class DataMismatchError(ArtifactError):
+    """Data that is not the data a model was trained on (or cannot be shown to be)."""
 
 
 @dataclass
@@ -68,11 +73,79 @@ class Artifacts:
         return float(self.manifest["scale"])
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """How to load a model's training data again, as recorded in its manifest (``data_source``): the
+    source string as given, a path made absolute so that it names the same data from any working
+    directory, and the side tables of a CSV/Parquet interactions file."""
+
+    source: str
+    users: str | None = None
+    items: str | None = None
+
+    @classmethod
+    def of(cls, source: str | Path, users: Path | None = None, items: Path | None = None) -> DataSource:
+        return cls(_absolute_source(source), _absolute(users), _absolute(items))
+
+    @classmethod
+    def from_record(cls, record: object) -> DataSource | None:
+        """The source a manifest recorded with ``to_record``; None when it recorded none (artifacts
+        exported before sources were recorded) or nothing usable."""
+        if not isinstance(record, dict) or not isinstance(record.get("source"), str):
+            return None
+        users, items = record.get("users"), record.get("items")
+        if not all(table is None or isinstance(table, str) for table in (users, items)):
+            return None
+        return cls(record["source"], users, items)
+
+    def to_record(self) -> dict[str, str | None]:
+        return {"source": self.source, "users": self.users, "items": self.items}
+
+    def load(self) -> InteractionData:
+        return load_dataset(self.source, _optional_path(self.users), _optional_path(self.items))
+
+
+def _absolute_source(source: str | Path) -> str:
+    synthetic = isinstance(source, str) and (source == SYNTHETIC or source.startswith(SYNTHETIC + ":"))
+    return str(source) if synthetic else str(Path(source).resolve())
+
+
+def _absolute(path: Path | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def _optional_path(path: str | None) -> Path | None:
+    return None if path is None else Path(path)
+
+
 def data_fingerprint(data: InteractionData) -> str:
     digest = hashlib.sha256()
     for column in ("user_id", "item_id", "timestamp"):
         digest.update(np.ascontiguousarray(data.interactions[column].to_numpy(np.int64)).tobytes())
     return digest.hexdigest()[:16]
+
+
+def recorded_data_source(manifest: dict[str, Any]) -> DataSource | None:
+    """Where the manifest says the model's training data came from; None if it does not say."""
+    return DataSource.from_record(manifest.get("data_source"))
+
+
+def check_training_data(manifest: dict[str, Any], data: InteractionData) -> None:
+    """Raises DataMismatchError unless ``data`` is the data the manifest's model was trained on, judged by
+    the data fingerprint (interactions only: side tables do not change it)."""
+    version = manifest.get("model_version")
+    expected = manifest.get("data_fingerprint")
+    if not expected:
+        raise DataMismatchError(
+            f"the manifest of model {version} records no data_fingerprint: cannot check that {data.name} "
+            "is the data it was trained on"
+        )
+    actual = data_fingerprint(data)
+    if actual != expected:
+        raise DataMismatchError(
+            f"{data.name} is not the data model {version} was trained on "
+            f"(fingerprint {actual}, expected {expected})"
+        )
 
 
 def file_digest(path: Path) -> str:
@@ -174,6 +247,11 @@ def artifacts_root(path: Path) -> Path:
     if (path / MANIFEST_FILE).is_file() and not (path / LATEST_FILE).is_file():
         return path.parent
     return path
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a version directory, or of the one a root's LATEST names; nothing else is read."""
+    return _read_manifest(resolve_version_dir(path))
 
 
 def load_artifacts(path: Path, map_location: str = "cpu") -> Artifacts:

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -17,7 +17,16 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from model.artifacts import data_fingerprint
+from model.artifacts import (
+    ArtifactError,
+    DataMismatchError,
+    DataSource,
+    check_training_data,
+    data_fingerprint,
+    read_manifest,
+    recorded_data_source,
+    resolve_version_dir,
+)
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data.fetch import FetchError, fetch_movielens_1m
 from model.data.loading import load_dataset
@@ -41,6 +50,7 @@ console = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("coldwarm")
 
 DEFAULT_RUN_DIR = Path("runs/latest")
+PASS_TRAINING_DATA = "pass --data with the data the model was trained on"
 CHECKPOINT_FILE = "checkpoint.pt"
 QUICK_MODELS = (PRIMARY_MODEL, "most_popular", "segment_popular", "ease")
 
@@ -95,11 +105,25 @@ def validation_summary(error: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
 
 
+# What loading a data source raises for data that is missing or malformed.
+DATA_ERRORS = (DataFormatError, FileNotFoundError, ValueError)
+
+
+def data_given(data: str | None) -> bool:
+    """Whether the data source was chosen (--data or COLDWARM_DATA) rather than left at its default."""
+    return data is not None or "data" in Settings().model_fields_set
+
+
 def load_data(settings: Settings, users: Path | None, items: Path | None) -> InteractionData:
     try:
         data = load_dataset(settings.data, users, items)
-    except (DataFormatError, FileNotFoundError, ValueError) as error:
+    except DATA_ERRORS as error:
         raise fail(str(error)) from error
+    log_loaded(data)
+    return data
+
+
+def log_loaded(data: InteractionData) -> None:
     log.info(
         "loaded %s: %d interactions, %d users, %d items",
         data.name,
@@ -107,7 +131,6 @@ def load_data(settings: Settings, users: Path | None, items: Path | None) -> Int
         len(data.users),
         len(data.catalog_item_ids()),
     )
-    return data
 
 
 def build_context(data: InteractionData, settings: Settings) -> TrainingContext:
@@ -119,7 +142,7 @@ def build_context(data: InteractionData, settings: Settings) -> TrainingContext:
         len(split.test),
     )
     encoder = FeatureEncoder.fit(data, split.train, settings.features)
-    return TrainingContext.build(data, split, encoder)
+    return TrainingContext.build(data, split, encoder, settings.train)
 
 
 def parse_models(models: str) -> list[str]:
@@ -231,7 +254,10 @@ def export(
     loaded = load_data(settings, None, None)
     report = run_dir / "report" / "report.json"
     metrics = json.loads(report.read_text())["results"].get(PRIMARY_MODEL, {}) if report.exists() else {}
-    directory = export_model(trained, settings.artifacts_dir, data_fingerprint(loaded), loaded.name, metrics)
+    source = DataSource.of(settings.data)
+    directory = export_model(
+        trained, settings.artifacts_dir, data_fingerprint(loaded), loaded.name, metrics, source
+    )
     log.info("exported %s", directory)
 
 
@@ -265,7 +291,10 @@ def run(
     outcome = run_experiments(context, settings, model_names, trained={PRIMARY_MODEL: trained})
     write_evaluation(outcome, loaded, run_dir / "report", time.perf_counter() - started)
     metrics = outcome.results[PRIMARY_MODEL].to_dict() if PRIMARY_MODEL in outcome.results else {}
-    directory = export_model(trained, settings.artifacts_dir, data_fingerprint(loaded), loaded.name, metrics)
+    source = DataSource.of(settings.data, users, items)
+    directory = export_model(
+        trained, settings.artifacts_dir, data_fingerprint(loaded), loaded.name, metrics, source
+    )
     log.info("exported %s", directory)
     from index_builder.build import build_index_artifacts
     from index_builder.settings import IndexSettings
@@ -287,16 +316,53 @@ def build_index(
 ) -> None:
     """Build the FAISS index of the exported item embeddings (item bias folded in as one extra
     dimension, so scores are exact), measure its recall@100 against exact search on real user queries
-    from DATA, and write it with a manifest beside the artifacts (index/<index_version>/)."""
+    from the data the model was trained on (the source its manifest records, or DATA, which must be that
+    data), and write it with a manifest beside the artifacts (index/<index_version>/)."""
     setup_logging()
     from index_builder.build import build_index_artifacts
     from index_builder.settings import IndexSettings
 
     settings = make_settings(data, None, artifacts_dir)
     index_settings = IndexSettings() if index_type is None else IndexSettings(type=index_type)
-    loaded = load_data(settings, None, None) if data or settings.data else None
-    directory = build_index_artifacts(settings.artifacts_dir, None, index_settings, loaded, progress=True)
+    try:
+        # Resolved once, so that the version whose data is checked is the one indexed.
+        version_dir = resolve_version_dir(settings.artifacts_dir)
+        manifest = read_manifest(version_dir)
+    except ArtifactError as error:
+        raise fail(str(error)) from error
+    if data_given(data):
+        loaded = load_data(settings, None, None)
+        check_recall_data(manifest, loaded, hint="")
+    else:
+        loaded = load_recorded_training_data(manifest)
+        check_recall_data(manifest, loaded, hint=PASS_TRAINING_DATA)
+    directory = build_index_artifacts(version_dir, None, index_settings, loaded, progress=True)
     log.info("index written to %s", directory)
+
+
+def load_recorded_training_data(manifest: dict[str, Any]) -> InteractionData:
+    """The training data from the source the manifest records; refused when there is none or it fails."""
+    version = manifest.get("model_version")
+    source = recorded_data_source(manifest)
+    if source is None:
+        raise fail(f"the manifest of model {version} records no training data source; {PASS_TRAINING_DATA}")
+    try:
+        data = source.load()
+    except DATA_ERRORS as error:
+        raise fail(
+            f"cannot load {source.source}, the data model {version} was trained on ({error}); "
+            f"{PASS_TRAINING_DATA}"
+        ) from error
+    log_loaded(data)
+    return data
+
+
+def check_recall_data(manifest: dict[str, Any], data: InteractionData, hint: str) -> None:
+    """Recall measured on other users than the training data's says nothing of the served traffic."""
+    try:
+        check_training_data(manifest, data)
+    except DataMismatchError as error:
+        raise fail(f"{error}; {hint}" if hint else str(error)) from error
 
 
 @app.command("load-features")

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.artifacts import ItemTable, write_artifacts
+from model.artifacts import DataSource, ItemTable, write_artifacts
 from model.train import TrainedModel
 
 
@@ -28,13 +28,19 @@ def export_model(
     data_fingerprint: str,
     dataset: str,
     metrics: dict[str, Any] | None = None,
+    data_source: DataSource | None = None,
 ) -> Path:
-    """Writes the artifacts of ``trained`` under ``root``; returns the version directory."""
+    """Writes the artifacts of ``trained`` under ``root``; returns the version directory.
+
+    ``data_source``: how to load the training data again, so that ``coldwarm build-index`` can measure
+    the index's recall on its users without being told where it is.
+    """
     trained.net.eval()
     manifest = {
         "model_name": trained.name,
         "dataset": dataset,
         "data_fingerprint": data_fingerprint,
+        "data_source": data_source.to_record() if data_source is not None else None,
         "scale": float(trained.net.scale.detach()),
         "feature_config": trained.encoder.config.model_dump(mode="json"),
         "model_config": trained.model_config.model_dump(mode="json"),

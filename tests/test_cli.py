@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ import pytest
 from model_fixtures import one_torch_thread
 from typer.testing import CliRunner
 
-from model.artifacts import LATEST_FILE, MANIFEST_FILE, data_fingerprint, load_artifacts
+from index_builder.build import INDEX_DIR, INDEX_MANIFEST_FILE
+from model.artifacts import LATEST_FILE, MANIFEST_FILE, DataSource, data_fingerprint, load_artifacts
 from model.checkpoint import load_checkpoint
 from model.cli import app
 from model.data.synthetic import generate_synthetic
@@ -261,6 +263,7 @@ def test_run_exports_a_version_named_in_latest(job: RunOutput) -> None:
     assert manifest["model_version"] == version
     assert manifest["dataset"] == "synthetic:300"
     assert manifest["data_fingerprint"] == data_fingerprint(generate_synthetic(n_users=300))
+    assert manifest["data_source"] == {"source": "synthetic:300", "users": None, "items": None}
     assert manifest["model_config"]["embedding_dim"] == 16
     report = json.loads((job.run_dir / "report" / "report.json").read_text())
     assert manifest["metrics"]["groups"] == report["results"]["cold_warm_net"]["groups"]
@@ -280,3 +283,98 @@ def test_export_of_the_runs_checkpoint_reproduces_the_version(job: RunOutput, tm
     report = json.loads((job.run_dir / "report" / "report.json").read_text())
     # export reads the metrics from the run's report.json.
     assert manifest["metrics"]["groups"] == report["results"]["cold_warm_net"]["groups"]
+    assert manifest["data_source"] == {"source": "synthetic:300", "users": None, "items": None}
+
+
+# ----- build-index: recall on the training data's users -------------------------------------------------
+
+PASS_TRAINING_DATA = "pass --data with the data the model was trained on"
+
+
+def test_recorded_data_source_names_paths_absolutely(tmp_path: Path) -> None:
+    # The working directory is tmp_path: a relative path must still name the data from anywhere else.
+    source = DataSource.of("ratings.csv", Path("users.csv"), None)
+    assert source == DataSource(str(tmp_path / "ratings.csv"), str(tmp_path / "users.csv"), None)
+    assert DataSource.of("synthetic:300") == DataSource("synthetic:300")
+    assert DataSource.from_record(source.to_record()) == source
+    assert DataSource.from_record(None) is None
+
+
+def unindexed_copy(job: RunOutput, destination: Path) -> Path:
+    """The run's exported version, copied without its index: a build then writes a new index manifest
+    instead of keeping the run's (same index content, same index version)."""
+    version = (job.artifacts_dir / LATEST_FILE).read_text().strip()
+    copy = destination / version
+    shutil.copytree(job.artifacts_dir / version, copy, ignore=shutil.ignore_patterns(INDEX_DIR))
+    return copy
+
+
+def record_data_source(version_dir: Path, record: dict[str, str | None] | None) -> None:
+    """Rewrites the manifest's data_source; None removes it, as in artifacts exported before sources
+    were recorded. The manifest is not part of the version hash, so the artifacts stay loadable."""
+    manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
+    manifest.pop("data_source")
+    if record is not None:
+        manifest["data_source"] = record
+    (version_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def index_manifest(version_dir: Path) -> dict:
+    index_root = version_dir / INDEX_DIR
+    latest = (index_root / LATEST_FILE).read_text().strip()
+    return json.loads((index_root / latest / INDEX_MANIFEST_FILE).read_text())
+
+
+def the_error(result) -> str:
+    """The one error line of a refused command (log lines before it are not errors)."""
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(lines) == 1, (result.exit_code, result.output, result.exception)
+    return lines[0]
+
+
+@pytest.mark.parametrize("args", [[], ["--data", "synthetic:300"]], ids=["recorded", "explicit"])
+def test_build_index_measures_recall_on_the_training_datas_users(
+    job: RunOutput, tmp_path: Path, args: list[str]
+) -> None:
+    copy = unindexed_copy(job, tmp_path)
+    result = invoke("build-index", "--artifacts-dir", copy, *args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert index_manifest(copy)["recall_query_source"] == "users:synthetic:300"
+
+
+@pytest.mark.parametrize("via", ["option", "environment"])
+def test_build_index_refuses_data_the_model_was_not_trained_on(
+    job: RunOutput, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, via: str
+) -> None:
+    copy = unindexed_copy(job, tmp_path)
+    if via == "option":
+        result = invoke("build-index", "--artifacts-dir", copy, "--data", "synthetic:200")
+    else:
+        monkeypatch.setenv("COLDWARM_DATA", "synthetic:200")
+        result = invoke("build-index", "--artifacts-dir", copy)
+    expected = json.loads((copy / MANIFEST_FILE).read_text())["data_fingerprint"]
+    actual = data_fingerprint(generate_synthetic(n_users=200))
+    assert the_error(result) == (
+        f"error: synthetic:200 is not the data model {copy.name} was trained on "
+        f"(fingerprint {actual}, expected {expected})"
+    )
+    assert not (copy / INDEX_DIR).exists()
+
+
+@pytest.mark.parametrize(
+    ("data_source", "reason"),
+    [
+        (None, "records no training data source"),
+        ({"source": "/nonexistent/ratings.csv", "users": None, "items": None}, "cannot load"),
+        ({"source": "synthetic:200", "users": None, "items": None}, "is not the data model"),
+    ],
+    ids=["unrecorded", "unloadable", "other-data"],
+)
+def test_build_index_without_data_refuses_anything_but_the_recorded_training_data(
+    job: RunOutput, tmp_path: Path, data_source: dict[str, str | None] | None, reason: str
+) -> None:
+    copy = unindexed_copy(job, tmp_path)
+    record_data_source(copy, data_source)
+    error = the_error(invoke("build-index", "--artifacts-dir", copy))
+    assert reason in error and error.endswith(PASS_TRAINING_DATA), error
+    assert not (copy / INDEX_DIR).exists()
