@@ -120,6 +120,12 @@ class FeatureEncoder:
         self.item_popularity = np.asarray(item_popularity, dtype=np.int64)
         self.item_genres = list(item_genres)
         self.item_years = np.asarray(item_years, dtype=np.int64)
+        # Per state column: the bucket served in place of each bucket (identity until fitted), and the
+        # training samples each bucket had.
+        self.state_buckets: list[np.ndarray] = [
+            np.arange(c, dtype=np.int64) for c in self.state_cardinalities()
+        ]
+        self.state_samples: list[np.ndarray] | None = None
 
     # ----- fitting -----------------------------------------------------------------------------
     @classmethod
@@ -146,6 +152,35 @@ class FeatureEncoder:
             "year": Vocabulary.fit([str(b) for b in year_buckets(years, config.year_bucket_size) if b >= 0]),
         }
         return cls(config, vocabularies, catalog, popularity, genres, years)
+
+    def fit_state_coverage(self, state_codes: np.ndarray) -> None:
+        """Serves every state bucket that fewer than ``min_state_samples`` training samples reached as
+        the nearest bucket that training did reach.
+
+        A bucket no sample fell into keeps the random embedding it was initialised with; a user landing
+        there at serving (a return after a longer gap than any seen, more actions than any train user)
+        would get an arbitrary gate. ``state_codes`` are the encoded training samples' state columns.
+        """
+        state_codes = np.asarray(state_codes, dtype=np.int64)
+        self.state_buckets, self.state_samples = [], []
+        for column, cardinality in enumerate(self.state_cardinalities()):
+            # Fitting again on codes this map produced gives the same map: buckets it moves end at 0.
+            counts = np.bincount(state_codes[:, column], minlength=cardinality)[:cardinality]
+            self.state_samples.append(counts)
+            self.state_buckets.append(nearest_trained_bucket(counts, self.config.min_state_samples))
+
+    def remapped_state_buckets(self) -> dict[str, dict[int, int]]:
+        """{state column: {bucket: bucket served in its place}} for the buckets not served as themselves."""
+        return {
+            name: {int(b): int(s) for b, s in enumerate(served) if b != s}
+            for name, served in zip(STATE_COLUMNS, self.state_buckets, strict=True)
+            if np.any(served != np.arange(len(served)))
+        }
+
+    def serve_state_buckets(self, state_codes: np.ndarray) -> np.ndarray:
+        """Encoded state columns with each bucket replaced by the one served in its place."""
+        state_codes = np.asarray(state_codes, dtype=np.int64)
+        return np.stack([served[state_codes[:, c]] for c, served in enumerate(self.state_buckets)], axis=1)
 
     # ----- users -------------------------------------------------------------------------------
     def encode_users(self, raw: RawUsers) -> EncodedUsers:
@@ -196,13 +231,13 @@ class FeatureEncoder:
         seen = count > 0
         since_first = (now - np.asarray(raw.first_timestamp, dtype=np.float64)) / SECONDS_PER_DAY
         since_last = (now - np.asarray(raw.last_timestamp, dtype=np.float64)) / SECONDS_PER_DAY
+        buckets = (
+            bucketise(count, tuple(float(b) for b in self.config.count_bounds)),
+            bucketise(np.maximum(since_first, 0.0), self.config.days_bounds, present=seen),
+            bucketise(np.maximum(since_last, 0.0), self.config.days_bounds, present=seen),
+        )
         return np.stack(
-            [
-                bucketise(count, tuple(float(b) for b in self.config.count_bounds)),
-                bucketise(np.maximum(since_first, 0.0), self.config.days_bounds, present=seen),
-                bucketise(np.maximum(since_last, 0.0), self.config.days_bounds, present=seen),
-            ],
-            axis=1,
+            [served[raw] for served, raw in zip(self.state_buckets, buckets, strict=True)], axis=1
         )
 
     def state_cardinalities(self) -> tuple[int, int, int]:
@@ -248,11 +283,13 @@ class FeatureEncoder:
             "item_popularity": self.item_popularity.tolist(),
             "item_genres": self.item_genres,
             "item_years": self.item_years.tolist(),
+            "state_buckets": [column.tolist() for column in self.state_buckets],
+            "state_samples": None if self.state_samples is None else [c.tolist() for c in self.state_samples],
         }
 
     @classmethod
     def from_dict(cls, state: dict) -> FeatureEncoder:
-        return cls(
+        encoder = cls(
             FeatureConfig.model_validate(state["config"]),
             {name: Vocabulary(values) for name, values in state["vocabularies"].items()},
             np.asarray(state["catalog_item_ids"], dtype=np.int64),
@@ -260,6 +297,12 @@ class FeatureEncoder:
             state["item_genres"],
             np.asarray(state["item_years"], dtype=np.int64),
         )
+        # Encoders saved before the coverage was fitted serve every bucket as itself, as they did.
+        if state.get("state_buckets") is not None:
+            encoder.state_buckets = [np.asarray(c, dtype=np.int64) for c in state["state_buckets"]]
+        if state.get("state_samples") is not None:
+            encoder.state_samples = [np.asarray(c, dtype=np.int64) for c in state["state_samples"]]
+        return encoder
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict()))
@@ -267,6 +310,24 @@ class FeatureEncoder:
     @classmethod
     def load(cls, path: Path) -> FeatureEncoder:
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def nearest_trained_bucket(counts: np.ndarray, min_samples: int) -> np.ndarray:
+    """For each bucket, itself when ``counts`` reach ``min_samples``, else the nearest bucket that does
+    (the lower one on a tie); identity when no bucket does or ``min_samples`` is 0.
+
+    Bucket 0 (missing: no action yet) is not on the scale of the others, so it neither borrows from nor
+    lends to them.
+    """
+    buckets = np.arange(len(counts), dtype=np.int64)
+    trained = np.flatnonzero(counts[1:] >= min_samples) + 1
+    if min_samples == 0 or len(trained) == 0:
+        return buckets
+    on_scale = buckets[1:]
+    distance = np.abs(on_scale[:, None] - trained[None, :])
+    served = buckets.copy()
+    served[1:] = trained[np.argmin(distance, axis=1)]  # argmin takes the first, i.e. lower, on a tie
+    return served
 
 
 def zip_prefixes(zip_codes: np.ndarray, length: int) -> np.ndarray:

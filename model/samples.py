@@ -1,5 +1,12 @@
 """Prefix training samples: for user u and position t, history = items before t, target = item t,
-state as of item t's timestamp. Encoded once, through the same FeatureEncoder the service uses."""
+state as of the sample's request time. Encoded once, through the same FeatureEncoder the service uses.
+
+The request time of most samples is item t's own timestamp, as in the evaluation protocol; there,
+the previous action was mostly seconds earlier. A feed request instead usually opens a session after a
+pause of hours to years, so a share of the samples is asked for at the start of a later session:
+the last action's time plus a gap (``session_start_times``). Without them the state features of a
+returning user fall into buckets training never saw, and the gate treats them as new.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.features import EncodedUsers, FeatureEncoder, RawUsers, profile_arrays
+from model.features import SECONDS_PER_DAY, EncodedUsers, FeatureEncoder, RawUsers, profile_arrays
+from model.settings import TrainConfig
 
 
 @dataclass
@@ -31,6 +39,48 @@ class UserSequences:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def gaps(self) -> np.ndarray:
+        """Seconds between consecutive interactions of the same user."""
+        same_user = np.ones(len(self.items), dtype=bool)
+        same_user[self.offsets[:-1]] = False
+        return np.diff(self.timestamps)[same_user[1:]] if len(self.items) else np.zeros(0, np.int64)
+
+
+def session_start_gaps(sequences: UserSequences, session_gap_s: float) -> np.ndarray:
+    """The pauses after which users of the data came back: gaps of at least ``session_gap_s``."""
+    gaps = sequences.gaps()
+    return gaps[gaps >= session_gap_s].astype(np.float64)
+
+
+def draw_gaps(rng: np.random.Generator, n: int, data_gaps: np.ndarray, config: TrainConfig) -> np.ndarray:
+    """``n`` pauses in seconds: the data's own session-start gaps, and a log-uniform share up to
+    ``max_gap_days``, so that returns after longer pauses than the data holds are seen too."""
+    longest = max(config.max_gap_days * SECONDS_PER_DAY, config.session_gap_s)
+    long_tail = rng.random(n) < (config.long_gap_share if len(data_gaps) else 1.0)
+    gaps = np.exp(rng.uniform(np.log(config.session_gap_s), np.log(longest), size=n))
+    if len(data_gaps):
+        gaps[~long_tail] = rng.choice(data_gaps, size=int((~long_tail).sum()))
+    return gaps
+
+
+def session_start_times(
+    sequences: UserSequences,
+    user_rows: np.ndarray,
+    positions: np.ndarray,
+    config: TrainConfig,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Request time of each sample: its target's timestamp, or for a ``session_start_share`` of the
+    samples with a history, the last action's time plus a drawn pause."""
+    flat = sequences.offsets[user_rows] + positions
+    now = sequences.timestamps[flat].astype(np.int64)
+    moved = (positions > 0) & (rng.random(len(positions)) < config.session_start_share)
+    if moved.any():
+        data_gaps = session_start_gaps(sequences, config.session_gap_s)
+        gaps = draw_gaps(rng, int(moved.sum()), data_gaps, config)
+        now[moved] = sequences.timestamps[flat[moved] - 1] + np.round(gaps).astype(np.int64)
+    return now
+
 
 def raw_prefixes(
     sequences: UserSequences,
@@ -38,8 +88,10 @@ def raw_prefixes(
     user_rows: np.ndarray,
     positions: np.ndarray,
     max_history: int,
+    now: np.ndarray | None = None,
 ) -> RawUsers:
-    """Users ``user_rows`` as of their ``positions``-th interaction (that interaction not included)."""
+    """Users ``user_rows`` as of their ``positions``-th interaction (that interaction not included),
+    asked at ``now`` (default: that interaction's timestamp)."""
     base = sequences.offsets[user_rows]
     back = np.arange(max_history)[None, :]
     flat = base[:, None] + positions[:, None] - 1 - back
@@ -48,7 +100,8 @@ def raw_prefixes(
     seen = positions > 0
     first = np.where(seen, sequences.timestamps[base], 0)
     last = np.where(seen, sequences.timestamps[np.maximum(base + positions - 1, 0)], 0)
-    now = sequences.timestamps[base + positions]
+    if now is None:
+        now = sequences.timestamps[base + positions]
     user_profiles = {field: values[user_rows] for field, values in profiles.items()}
     return RawUsers(user_profiles, history, positions.astype(np.int64), first, last, now)
 
@@ -71,20 +124,30 @@ class TrainingSamples:
 
 
 def build_training_samples(
-    data_users: pd.DataFrame, sequences: UserSequences, encoder: FeatureEncoder, chunk_size: int = 65_536
+    data_users: pd.DataFrame,
+    sequences: UserSequences,
+    encoder: FeatureEncoder,
+    config: TrainConfig | None = None,
+    chunk_size: int = 65_536,
 ) -> TrainingSamples:
+    """Every prefix of every sequence, at the request times of ``session_start_times`` (seeded by
+    ``config.seed``); ``config`` None asks every sample at its target's time."""
     lengths = sequences.lengths()
     user_rows = np.repeat(np.arange(len(lengths)), lengths)
     positions = np.arange(len(user_rows)) - sequences.offsets[user_rows]
     targets = encoder.catalog_positions(sequences.items)
     keep = targets >= 0
     user_rows, positions, targets = user_rows[keep], positions[keep], targets[keep]
+    if config is None:
+        now = sequences.timestamps[sequences.offsets[user_rows] + positions]
+    else:
+        now = session_start_times(sequences, user_rows, positions, config, np.random.default_rng(config.seed))
     profiles = profile_arrays(data_users, sequences.user_ids)
     parts: list[EncodedUsers] = []
     for start in range(0, len(user_rows), chunk_size):
         chunk = slice(start, start + chunk_size)
         raw = raw_prefixes(
-            sequences, profiles, user_rows[chunk], positions[chunk], encoder.config.max_history
+            sequences, profiles, user_rows[chunk], positions[chunk], encoder.config.max_history, now[chunk]
         )
         parts.append(encoder.encode_users(raw))
     history = (

@@ -25,6 +25,12 @@ class FeatureConfig(BaseModel):
     days_bounds: tuple[float, ...] = (0.0, 1 / 24, 1.0, 3.0, 7.0, 14.0, 30.0, 90.0, 180.0, 365.0, 730.0)
     popularity_bounds: tuple[int, ...] = (0, 1, 3, 10, 30, 100, 300, 1000, 3000)
     year_bucket_size: int = Field(5, ge=1)
+    min_state_samples: int = Field(
+        100,
+        ge=0,
+        description="training samples a state bucket needs to be served as itself; rarer buckets are "
+        "served as the nearest bucket that has them (0: every bucket as itself)",
+    )
 
 
 class ModelConfig(BaseModel):
@@ -65,6 +71,22 @@ class TrainConfig(BaseModel):
         2, ge=1, description="epochs of the warm-only model whose users k-means groups"
     )
     active_users: int = Field(1000, ge=1, description="most active train users clustered into groups")
+    session_start_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="share of training samples asked for at the start of a later session (request time "
+        "moved to the last action + a gap) instead of at the moment of the next interaction",
+    )
+    session_gap_s: float = Field(1800.0, gt=0, description="a pause this long starts a new session")
+    long_gap_share: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="of the moved samples, the share whose gap is log-uniform up to max_gap_days instead "
+        "of one of the data's own session-start gaps",
+    )
+    max_gap_days: float = Field(3650.0, gt=0, description="longest gap a moved sample is given")
     seed: int = 0
     torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
 

@@ -39,16 +39,27 @@ class TrainingContext:
     validation_points: list[EvalPoint]
 
     @classmethod
-    def build(cls, data: InteractionData, split: UserSplit, encoder: FeatureEncoder) -> TrainingContext:
+    def build(
+        cls,
+        data: InteractionData,
+        split: UserSplit,
+        encoder: FeatureEncoder,
+        config: TrainConfig | None = None,
+    ) -> TrainingContext:
+        """Samples of the train users (request times as ``config`` says), and ``encoder``'s state
+        coverage fitted to them: every state bucket is then served as one that training updates."""
         started = time.perf_counter()
         sequences = UserSequences.from_interactions(data.interactions, split.train)
-        samples = build_training_samples(data.users, sequences, encoder)
+        samples = build_training_samples(data.users, sequences, encoder, config or TrainConfig())
+        encoder.fit_state_coverage(samples.state.numpy())
+        samples.state = torch.as_tensor(encoder.serve_state_buckets(samples.state.numpy()))
         points = build_eval_points(data, split.validation)
         log.info(
-            "built %d training samples from %d train users in %.1fs",
+            "built %d training samples from %d train users in %.1fs; state buckets served as another: %s",
             len(samples),
             len(split.train),
             time.perf_counter() - started,
+            encoder.remapped_state_buckets(),
         )
         return cls(data, split, encoder, samples, points)
 

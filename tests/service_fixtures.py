@@ -116,7 +116,7 @@ def build_serving_artifacts(root: Path) -> ServingArtifacts:
     data = generate_synthetic(n_users=N_USERS, n_items=N_ITEMS, seed=DATA_SEED)
     split = split_users(data)
     encoder = FeatureEncoder.fit(data, split.train, FeatureConfig())
-    context = TrainingContext.build(data, split, encoder)
+    context = TrainingContext.build(data, split, encoder, TRAIN_CONFIG)
     a = _export_version(context, SEED_A, root)
     b = _export_version(context, SEED_B, root)
     assert a.model_version != b.model_version and a.index_version != b.index_version
