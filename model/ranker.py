@@ -1,4 +1,5 @@
-"""Evaluation points → model inputs → full-catalog scores, for any model with a ``score_all``."""
+"""Evaluation points → model inputs → full-catalog scores: a trained torch model with a ``score_all``
+(``ModelRanker``), or the exported artifacts the service loads (``ArtifactsRanker``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from model.artifacts import Artifacts
 from model.evaluation.protocol import EvalPoint
 from model.features import EncodedUsers, FeatureEncoder, profile_arrays, raw_users_from_histories
 
@@ -23,6 +25,34 @@ def encode_points(points: Sequence[EvalPoint], users: pd.DataFrame, encoder: Fea
         encoder.config.max_history,
     )
     return encoder.encode_users(raw)
+
+
+def item_columns(model_item_ids: np.ndarray, catalog_item_ids: np.ndarray) -> np.ndarray:
+    """For each protocol catalog item, its column among a model's items; -1 where the model lacks it.
+
+    The model's item order need not be sorted (an artifacts item table is in whatever order it was
+    written), so the lookup goes through a sort instead of assuming one.
+    """
+    model_item_ids = np.asarray(model_item_ids, dtype=np.int64)
+    catalog_item_ids = np.asarray(catalog_item_ids, dtype=np.int64)
+    if len(model_item_ids) == 0:
+        return np.full(len(catalog_item_ids), -1, dtype=np.int64)
+    order = np.argsort(model_item_ids, kind="stable")
+    ranks = np.minimum(np.searchsorted(model_item_ids[order], catalog_item_ids), len(order) - 1)
+    found = model_item_ids[order[ranks]] == catalog_item_ids
+    return np.where(found, order[ranks], -1).astype(np.int64)
+
+
+def on_catalog(scores: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """float32 (n, len(columns)) scores in protocol catalog order; -inf where ``columns`` is -1.
+
+    An item the model cannot score must never be recommended, but must still occupy its catalog
+    column so that every ranker's output lines up with the protocol's targets.
+    """
+    out = np.full((len(scores), len(columns)), -np.inf, dtype=np.float32)
+    known = columns >= 0
+    out[:, known] = scores[:, columns[known]]
+    return out
 
 
 class ModelRanker:
@@ -55,7 +85,54 @@ class ModelRanker:
             torch.as_tensor(encoded.profile), torch.as_tensor(encoded.history), torch.as_tensor(encoded.state)
         ).numpy()
         self.model.train(was_training)
-        out = np.full((len(points), len(self.columns)), -np.inf, dtype=np.float32)
-        known = self.columns >= 0
-        out[:, known] = scores[:, self.columns[known]]
-        return out
+        return on_catalog(scores, self.columns)
+
+
+class ArtifactsRanker:
+    """Scores points with exported artifacts exactly as the service's model defines the score.
+
+    score(u, i) = scale · e_u·e_i + b_i + b_u from the TorchScript user tower and the item table, i.e.
+    what the service's folded FAISS index returns plus b_u, but over the whole catalog: the offline
+    figure the served answers must reproduce. ``users`` is the user table the points' profiles come
+    from (the data the artifacts were trained on).
+    """
+
+    def __init__(
+        self, name: str, artifacts: Artifacts, users: pd.DataFrame, catalog_item_ids: np.ndarray
+    ) -> None:
+        self.name = name
+        self.artifacts = artifacts
+        self.users = users
+        self.columns = item_columns(artifacts.items.item_ids, catalog_item_ids)
+        # Float32 like the index: the service's scores come from float32 inner products as well.
+        self._item_embeddings = torch.as_tensor(np.asarray(artifacts.items.embeddings, dtype=np.float32))
+        self._item_bias = torch.as_tensor(np.asarray(artifacts.items.bias, dtype=np.float32))
+
+    def user_side(self, points: Sequence[EvalPoint]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(unit embedding (n, d), user bias b_u (n,), gate weights (n, 2) [cold, warm]) of the points."""
+        encoded = encode_points(points, self.users, self.artifacts.encoder)
+        with torch.inference_mode():
+            embedding, user_bias, gate = self.artifacts.user_tower(
+                torch.from_numpy(encoded.profile),
+                torch.from_numpy(encoded.history),
+                torch.from_numpy(encoded.state),
+            )
+        return embedding, user_bias, gate
+
+    def score(self, points: Sequence[EvalPoint]) -> np.ndarray:
+        embedding, user_bias, _ = self.user_side(points)
+        with torch.inference_mode():
+            scores = (
+                self.artifacts.scale * (embedding @ self._item_embeddings.T)
+                + self._item_bias[None, :]
+                + user_bias[:, None]
+            )
+        return on_catalog(scores.numpy(), self.columns)
+
+    def gates(self, points: Sequence[EvalPoint], batch_size: int = 1024) -> np.ndarray:
+        """float64 (n, 2) gate weights [cold, warm] per point: how "cold" the model takes each user."""
+        parts = [
+            self.user_side(points[start : start + batch_size])[2].numpy().astype(np.float64)
+            for start in range(0, len(points), batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.float64)
