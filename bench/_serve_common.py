@@ -241,6 +241,23 @@ def simple_get(port: int, path: str, timeout_s: float = 2.0) -> tuple[int | None
 
 
 # ----- Redis -------------------------------------------------------------------------------------------
+class BenchError(RuntimeError):
+    """A precondition the benchmark cannot work around (no artifacts, no Redis); reported, exit 2."""
+
+
+def connect_redis(url: str) -> Any:
+    """A redis-py client of ``url`` that has answered a PING, or a BenchError saying why not."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=10)
+    try:
+        client.ping()
+    except redis.RedisError as error:
+        client.close()
+        raise BenchError(f"no Redis at {url}: {error}") from error
+    return client
+
+
 def delete_keys(client: Any, pattern: str) -> int:
     """Deletes every key matching ``pattern`` (SCAN, never KEYS); returns how many."""
     deleted = 0

@@ -28,6 +28,7 @@ under a key prefix of its own (deleted afterwards) and load shedding out of reac
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import random
@@ -42,7 +43,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _serve_common import ServerProcess, delete_keys, machine_info  # noqa: E402  (bench/ is not a package)
+from _serve_common import BenchError, ServerProcess, connect_redis, delete_keys, machine_info  # noqa: E402  (bench/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-1m-first2999"
@@ -53,10 +54,6 @@ GROUPS = ("cold_start", "warm_up", "active", "all")
 MAX_QUEUE_MS = 600_000
 # A replay measures quality, not latency: a slow Redis call must not turn into a degraded answer.
 REDIS_TIMEOUT_MS = 2000
-
-
-class BenchError(RuntimeError):
-    """A precondition the benchmark cannot work around (no artifacts, no Redis); reported, exit 2."""
 
 
 def log(message: str) -> None:
@@ -192,17 +189,19 @@ def replay(url: str, artifacts: Any, data: Any, points: list[Any], catalog: np.n
 
     log(f"replaying {len(points)} points against {url} ({args.concurrency} at a time, k={args.k})")
     try:
-        result = replay_points(
-            url,
-            points,
-            data.users,
-            catalog,
-            modes=MODES,
-            k=args.k,
-            base_user_id=args.base_user_id,
-            concurrency=args.concurrency,
-            expected_model_version=artifacts.version,
-            progress=not args.no_progress,
+        result = asyncio.run(
+            replay_points(
+                url,
+                points,
+                data.users,
+                catalog,
+                modes=MODES,
+                k=args.k,
+                base_user_id=args.base_user_id,
+                concurrency=args.concurrency,
+                expected_model_version=artifacts.version,
+                progress=not args.no_progress,
+            )
         )
     except (ReplayError, httpx.HTTPError) as error:
         raise BenchError(f"replay against {url} failed: {type(error).__name__}: {error}") from error
@@ -215,16 +214,10 @@ def served_by_own_server(
     artifacts: Any, data: Any, points: list[Any], catalog: np.ndarray, args: Any
 ) -> tuple[Any, dict[str, str]]:
     """Starts the service over the artifacts with its own Redis key prefix, replays, cleans up."""
-    import redis
 
     from service.feature_store import KeyLayout
 
-    client = redis.Redis.from_url(args.redis_url, socket_timeout=10)
-    try:
-        client.ping()
-    except redis.RedisError as error:
-        client.close()
-        raise BenchError(f"no Redis at {args.redis_url}: {error}") from error
+    client = connect_redis(args.redis_url)
     layout = KeyLayout(f"coldwarm-replay-{uuid.uuid4().hex[:12]}")
     env = server_env(artifacts.directory, layout.prefix, args.redis_url)
     try:

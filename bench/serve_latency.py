@@ -47,8 +47,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _serve_common import (  # noqa: E402  (bench/ is not a package)
+    BenchError,
     PhaseResult,
     ServerProcess,
+    connect_redis,
     delete_keys,
     latency_summary,
     machine_info,
@@ -64,10 +66,6 @@ DEFAULT_OUT = REPO / "bench" / "results" / "serve_latency.json"
 RECALL_K = 100
 # Above this many items the HNSW defaults drop to M=16 / efConstruction=64 to bound the build time.
 LARGE_CATALOG = 500_000
-
-
-class BenchError(RuntimeError):
-    """A precondition the benchmark cannot work around (no artifacts, no Redis); reported, exit 2."""
 
 
 def log(message: str) -> None:
@@ -203,17 +201,11 @@ def http_record(
 @contextlib.contextmanager
 def users_in_redis(args: argparse.Namespace, data: Any, cap: int) -> Iterator[str]:
     """Bulk-loads every user of ``data`` under a fresh key prefix; yields the prefix; deletes its keys."""
-    import redis
 
     from service.feature_store import KeyLayout
     from service.feature_store.loader import bulk_load
 
-    client = redis.Redis.from_url(args.redis_url, socket_timeout=10)
-    try:
-        client.ping()
-    except redis.RedisError as error:
-        client.close()
-        raise BenchError(f"no Redis at {args.redis_url}: {error}") from error
+    client = connect_redis(args.redis_url)
     layout = KeyLayout(f"coldwarm-bench-{uuid.uuid4().hex[:12]}")
     try:
         stats = bulk_load(client, layout, data, cap=cap, progress=False)

@@ -199,7 +199,7 @@ async def replay_point(
 
 
 # ----- the replay ------------------------------------------------------------------------------------
-async def replay_points_async(
+async def replay_points(
     base_url: str,
     points: Sequence[EvalPoint],
     users: pd.DataFrame,
@@ -213,8 +213,15 @@ async def replay_points_async(
     timeout_s: float = 30.0,
     progress: bool = False,
 ) -> ReplayResult:
-    """Replays every point through the service at ``base_url`` with at most ``concurrency`` points in
-    flight; see ``replay_points``."""
+    """Replays every point through the service at ``base_url`` (at most ``concurrency`` points in
+    flight) and collects its answers per mode.
+
+    ``users`` is the user table the points come from (profiles), ``catalog_item_ids`` the protocol's
+    sorted catalog the answers are mapped onto. User ids ``base_user_id .. base_user_id + len(points)
+    - 1`` are written to the service's feature store: use a key prefix of the replay's own, or ids no
+    one else uses. With ``expected_model_version`` an answer from any other model raises: comparing
+    the offline figures of one model with the answers of another measures nothing.
+    """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency}")
     unknown = [mode for mode in modes if mode not in MODES]
@@ -266,45 +273,6 @@ async def replay_points_async(
         k=k,
         requests={route: n for route, n in requests.items() if n},
         seconds=time.perf_counter() - started,
-    )
-
-
-def replay_points(
-    base_url: str,
-    points: Sequence[EvalPoint],
-    users: pd.DataFrame,
-    catalog_item_ids: np.ndarray,
-    *,
-    modes: Sequence[str] = MODES,
-    k: int = DEFAULT_K,
-    base_user_id: int = DEFAULT_BASE_USER_ID,
-    concurrency: int = DEFAULT_CONCURRENCY,
-    expected_model_version: str | None = None,
-    timeout_s: float = 30.0,
-    progress: bool = False,
-) -> ReplayResult:
-    """Replays every point through the service at ``base_url`` and collects its answers per mode.
-
-    ``users`` is the user table the points come from (profiles), ``catalog_item_ids`` the protocol's
-    sorted catalog the answers are mapped onto. User ids ``base_user_id .. base_user_id + len(points)
-    - 1`` are written to the service's feature store: use a key prefix of the replay's own, or ids no
-    one else uses. With ``expected_model_version`` an answer from any other model raises: comparing
-    the offline figures of one model with the answers of another measures nothing.
-    """
-    return asyncio.run(
-        replay_points_async(
-            base_url,
-            points,
-            users,
-            catalog_item_ids,
-            modes=modes,
-            k=k,
-            base_user_id=base_user_id,
-            concurrency=concurrency,
-            expected_model_version=expected_model_version,
-            timeout_s=timeout_s,
-            progress=progress,
-        )
     )
 
 

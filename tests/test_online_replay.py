@@ -6,6 +6,7 @@ its metrics; and /recommend refuses a request_time it cannot mean.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -91,15 +92,17 @@ def replayed(serving_artifacts: ServingArtifacts, redis_client: redis.Redis) -> 
     )
     try:
         with live_server(service_settings(version.directory, prefix)) as server:
-            replay = replay_points(
-                server.url,
-                points,
-                serving_artifacts.data.users,
-                catalog,
-                modes=MODES,
-                k=K,
-                concurrency=4,
-                expected_model_version=version.model_version,
+            replay = asyncio.run(
+                replay_points(
+                    server.url,
+                    points,
+                    serving_artifacts.data.users,
+                    catalog,
+                    modes=MODES,
+                    k=K,
+                    concurrency=4,
+                    expected_model_version=version.model_version,
+                )
             )
             yield Replayed(points, catalog, ranker, replay, server, version.model_version)
     finally:
@@ -188,13 +191,15 @@ def test_a_user_id_that_already_holds_events_is_refused(
     taken = next(i for i, p in enumerate(replayed.points) if p.h == 20)
     point = next(p for p in replayed.points if p.h == 5 and p.user_id != replayed.points[taken].user_id)
     with pytest.raises(ReplayError, match="replayed before"):
-        replay_points(
-            replayed.server.url,
-            [point],
-            serving_artifacts.data.users,
-            replayed.catalog,
-            modes=(DATA_TIME,),
-            base_user_id=replayed.replay.base_user_id + taken,
+        asyncio.run(
+            replay_points(
+                replayed.server.url,
+                [point],
+                serving_artifacts.data.users,
+                replayed.catalog,
+                modes=(DATA_TIME,),
+                base_user_id=replayed.replay.base_user_id + taken,
+            )
         )
 
 
@@ -226,11 +231,13 @@ def test_a_non_200_answer_raises_with_its_body(
         int(time.time()) + 3600,
     )
     with pytest.raises(ReplayError, match="answered 422.*in the future"):
-        replay_points(
-            replayed.server.url,
-            [future],
-            serving_artifacts.data.users,
-            replayed.catalog,
-            modes=(DATA_TIME,),
-            base_user_id=replayed.replay.base_user_id + 10_000,
+        asyncio.run(
+            replay_points(
+                replayed.server.url,
+                [future],
+                serving_artifacts.data.users,
+                replayed.catalog,
+                modes=(DATA_TIME,),
+                base_user_id=replayed.replay.base_user_id + 10_000,
+            )
         )
