@@ -1,7 +1,10 @@
 """The whole evaluation protocol on MovieLens-1M (users 1–2,999): every model, every group, the plots.
 
-Run: python bench/offline_quality.py [--data-dir ../shared/data/ml-1m-first2999] [--models all]
+Run: python bench/offline_quality.py [--data-dir ../shared/data/ml-1m-first2999] [--models all] [--seeds 3]
 Writes bench/results/offline_quality.json and bench/results/offline_quality/ (report.md, plots).
+Every trained model is trained --seeds times (seeds COLDWARM_TRAIN__SEED + 0 .. N-1): figures are means
+over seeds with their std; Cold & Warm Net is compared with the best baseline of each group by a paired
+bootstrap over test users. Deterministic baselines run once.
 Needs the shared data (or any MovieLens directory), so it is a benchmark, not a test.
 """
 
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from model.cli import build_context, setup_logging
 from model.data.movielens import load_movielens
-from model.evaluation.report import markdown_table, write_report
+from model.evaluation.report import markdown_table, seeds_section, write_report
 from model.experiments import ALL_MODELS, check_model_names, run_experiments
 from model.settings import Settings
 from model.train import set_torch_threads
@@ -26,11 +29,21 @@ RESULTS = ROOT / "bench" / "results"
 log = logging.getLogger("bench")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--models", default="all", help=f"comma-separated or 'all': {', '.join(ALL_MODELS)}")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--seeds", type=positive_int, default=3, help="training seeds per trained model (default 3)"
+    )
     args = parser.parse_args()
     setup_logging()
     started = time.perf_counter()
@@ -39,7 +52,7 @@ def main() -> None:
     models = check_model_names(list(ALL_MODELS) if args.models == "all" else args.models.split(","))
     data = load_movielens(args.data_dir)
     context = build_context(data, settings)
-    outcome = run_experiments(context, settings, models)
+    outcome = run_experiments(context, settings, models, seeds=args.seeds)
     wall = round(time.perf_counter() - started, 1)
     details = {
         **outcome.details,
@@ -50,19 +63,33 @@ def main() -> None:
         },
     }
     # The full report (markdown, plots, per-h tables) sits beside the summary the README quotes.
-    write_report(outcome.results, args.out_dir / "offline_quality", data.name, details)
+    write_report(
+        outcome.results,
+        args.out_dir / "offline_quality",
+        data.name,
+        details,
+        spread=outcome.spread,
+        significance=outcome.significance,
+    )
     summary = {
         "dataset": data.name,
         "wall_seconds": wall,
         "points": {g: n for g, n in next(iter(outcome.results.values())).points.items()},
+        # Means over seeds, and their std across seeds (0.0 for a model run once).
         "models": {name: result.groups for name, result in outcome.results.items()},
+        "std": {name: spread.groups for name, spread in outcome.spread.items()},
         "curve": {
             name: {str(h): m for h, m in result.curve.items()} for name, result in outcome.results.items()
         },
+        "curve_std": {
+            name: {str(h): m for h, m in spread.curve.items()} for name, spread in outcome.spread.items()
+        },
+        "seeds": {**seeds_section(outcome.spread), "values": outcome.seeds},
+        "significance": outcome.significance.to_dict() if outcome.significance else None,
         "details": details,
     }
     (args.out_dir / "offline_quality.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    print(markdown_table(outcome.results))
+    print(markdown_table(outcome.results, spread=outcome.spread))
     log.info("wrote %s in %.0fs", args.out_dir / "offline_quality.json", wall)
 
 

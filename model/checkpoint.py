@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from model.baselines.sasrec import SASRec
 from model.baselines.two_tower import DSSM, YouTubeDNN
 from model.features import FeatureEncoder
 from model.mutual_info import BiasFeatureSelection
@@ -23,6 +24,8 @@ def build_net(
         return DSSM(encoder, config)
     if name == "youtube_dnn":
         return YouTubeDNN(encoder, config)
+    if name == "sasrec":
+        return SASRec(encoder, config)
     return ColdWarmNet(
         encoder,
         config,

@@ -66,6 +66,16 @@ ItemsOption = Annotated[Path | None, typer.Option(help="item table for a CSV/Par
 RunDirOption = Annotated[Path, typer.Option(help="where train writes its checkpoint, evaluate its report")]
 EpochsOption = Annotated[int | None, typer.Option(help="training epochs [env COLDWARM_TRAIN__EPOCHS]")]
 ModelsOption = Annotated[str, typer.Option(help=f"comma-separated, or 'all': {', '.join(ALL_MODELS)}")]
+SeedsOption = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="train every trained model (and its user groups) this many times, with seeds "
+        "COLDWARM_TRAIN__SEED + 0 .. N-1; figures are means over seeds with their std, and "
+        "cold_warm_net is tested against the best baseline of each group by a paired bootstrap over "
+        "users. Deterministic baselines run once",
+    ),
+]
 
 
 def setup_logging() -> None:
@@ -165,8 +175,10 @@ def write_evaluation(
             name: {"epochs": t.epochs, "seconds": round(t.seconds, 1)} for name, t in outcome.trained.items()
         },
     }
-    paths = write_report(outcome.results, out_dir, data.name, extra)
-    console.print(markdown_table(outcome.results))
+    paths = write_report(
+        outcome.results, out_dir, data.name, extra, spread=outcome.spread, significance=outcome.significance
+    )
+    console.print(markdown_table(outcome.results, spread=outcome.spread))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
 
 
@@ -219,10 +231,11 @@ def evaluate(
     run_dir: RunDirOption = DEFAULT_RUN_DIR,
     models: ModelsOption = "all",
     epochs: EpochsOption = None,
+    seeds: SeedsOption = 1,
 ) -> None:
     """Run the evaluation protocol (shared/DESIGN.md) on the test users for the chosen models; the
-    checkpoint in RUN_DIR stands for cold_warm_net, everything else is trained here. Writes
-    RUN_DIR/report/{report.json, report.md, *.png}."""
+    checkpoint in RUN_DIR stands for cold_warm_net (its first seed), everything else is trained here.
+    Writes RUN_DIR/report/{report.json, report.md, *.png}."""
     setup_logging()
     started = time.perf_counter()
     settings = make_settings(data, epochs)
@@ -231,7 +244,7 @@ def evaluate(
     trained = {}
     if (run_dir / CHECKPOINT_FILE).exists():
         trained[PRIMARY_MODEL] = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    outcome = run_experiments(context, settings, parse_models(models), trained=trained)
+    outcome = run_experiments(context, settings, parse_models(models), trained=trained, seeds=seeds)
     write_evaluation(outcome, loaded, run_dir / "report", time.perf_counter() - started)
 
 

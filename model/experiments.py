@@ -17,8 +17,12 @@ import torch
 
 from model.baselines.ease import tune_lambda
 from model.baselines.popular import MostPopular, SegmentPopular
+from model.baselines.sasrec import SASRec
 from model.baselines.two_tower import DSSM, YouTubeDNN
+from model.evaluation.bootstrap import Significance, compare_with_best_baselines
 from model.evaluation.protocol import EvalPoint, EvaluationResult, Ranker, build_eval_points, evaluate
+from model.evaluation.report import HEADLINE_METRICS
+from model.evaluation.seeds import SeedSpread, mean_over_seeds, spread_over_seeds
 from model.nn.two_tower import TwoTowerNet
 from model.ranker import ModelRanker
 from model.settings import ModelConfig, Settings, TrainConfig
@@ -40,15 +44,36 @@ HEURISTIC_BASELINES: tuple[str, ...] = ("most_popular", "segment_popular", "ease
 LEARNT_BASELINES: dict[str, tuple[Callable[..., TwoTowerNet], str]] = {
     "dssm": (DSSM, "bce"),
     "youtube_dnn": (YouTubeDNN, "sampled_softmax"),
+    "sasrec": (SASRec, "sampled_softmax"),
 }
 ALL_MODELS: tuple[str, ...] = (PRIMARY_MODEL, *ABLATIONS, *HEURISTIC_BASELINES, *LEARNT_BASELINES)
 
 
 @dataclass
 class ExperimentOutcome:
+    # Per model: the mean over its seeds, per-point values included (a single run as it is).
     results: dict[str, EvaluationResult]
+    # Per trained model: the first seed's (the one a checkpoint stands for, exported by ``run``).
     trained: dict[str, TrainedModel] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)  # training seeds of the trained models
+    # Per model: one result per seed (one for a deterministic baseline), and their spread.
+    seed_results: dict[str, list[EvaluationResult]] = field(default_factory=dict)
+    spread: dict[str, SeedSpread] = field(default_factory=dict)
+    significance: Significance | None = None
+
+
+def baseline_names() -> tuple[str, ...]:
+    """Every baseline the primary model is compared with (not its ablations), read from the
+    registries at call time so that a newly registered baseline counts."""
+    return (*HEURISTIC_BASELINES, *LEARNT_BASELINES)
+
+
+def seed_configs(config: TrainConfig, n_seeds: int) -> list[TrainConfig]:
+    """The training configuration of each seed: ``config.seed + i`` for i < n_seeds."""
+    if n_seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {n_seeds}")
+    return [config.model_copy(update={"seed": config.seed + i}) for i in range(n_seeds)]
 
 
 def check_model_names(models: Sequence[str]) -> list[str]:
@@ -91,6 +116,79 @@ def train_variant(
     return fit_cold_warm_net(context, variant, train_config, name, progress, group_embeddings=groups)
 
 
+def uses_user_groups(name: str, model_config: ModelConfig) -> bool:
+    """Whether a trained model needs the pre-trained user groups (learnt baselines never do)."""
+    return (
+        model_config.use_group_attention
+        and name not in LEARNT_BASELINES
+        and ABLATIONS.get(name, {}).get("use_group_attention", True)
+    )
+
+
+def train_seed(
+    name: str,
+    context: TrainingContext,
+    settings: Settings,
+    train_config: TrainConfig,
+    groups_by_seed: dict[int, torch.Tensor],
+    progress: bool,
+) -> TrainedModel:
+    """Trains ``name`` with ``train_config``'s seed; the user groups of that seed are pre-trained once
+    and shared by every variant (they do not depend on the variant)."""
+    groups = None
+    if uses_user_groups(name, settings.model):
+        seed = train_config.seed
+        if seed not in groups_by_seed:
+            groups_by_seed[seed] = fit_user_groups(context, settings.model, train_config, progress)
+        groups = groups_by_seed[seed]
+    return train_variant(name, context, settings.model, train_config, groups, progress)
+
+
+def log_result(name: str, result: EvaluationResult, label: str, seconds: float) -> None:
+    headline = result.groups.get("all", {})
+    log.info(
+        "%s%s: all-users recall@50 %.4f ndcg@50 %.4f (%.0fs)",
+        name,
+        label,
+        headline.get("recall@50", 0.0),
+        headline.get("ndcg@50", 0.0),
+        seconds,
+    )
+
+
+def trained_runs(
+    name: str,
+    context: TrainingContext,
+    settings: Settings,
+    configs: Sequence[TrainConfig],
+    outcome: ExperimentOutcome,
+    groups_by_seed: dict[int, torch.Tensor],
+    points: list[EvalPoint],
+    progress: bool,
+) -> list[EvaluationResult]:
+    """One evaluation per seed of a trained model. The first seed's model comes from
+    ``outcome.trained`` when given there and is kept there; later seeds' nets are dropped once
+    evaluated (only their figures and training times are kept)."""
+    catalog = context.data.catalog_item_ids()
+    runs: list[EvaluationResult] = []
+    for index, config in enumerate(configs):
+        started = time.perf_counter()
+        model = outcome.trained.get(name) if index == 0 else None
+        if model is None:
+            model = train_seed(name, context, settings, config, groups_by_seed, progress)
+        if index == 0:
+            outcome.trained[name] = model
+        ranker = ModelRanker(name, model.net, context.encoder, context.data.users, catalog)
+        runs.append(evaluate(ranker, points, catalog, progress=progress))
+        if len(configs) > 1:
+            outcome.details.setdefault("seed_training", {}).setdefault(name, []).append(
+                {"seed": config.seed, "epochs": len(model.epochs), "seconds": round(model.seconds, 1)}
+            )
+            label = f" seed {config.seed} ({index + 1}/{len(configs)})"
+            log_result(name, runs[-1], label, time.perf_counter() - started)
+    return runs
+
+
 def run_experiments(
     context: TrainingContext,
     settings: Settings,
@@ -98,42 +196,39 @@ def run_experiments(
     progress: bool = True,
     trained: dict[str, TrainedModel] | None = None,
     test_points: list[EvalPoint] | None = None,
+    seeds: int = 1,
 ) -> ExperimentOutcome:
-    """Trains (unless given in ``trained``) and evaluates ``models`` on the test users."""
+    """Trains (unless given in ``trained``) and evaluates ``models`` on the test users.
+
+    Every trained model is trained ``seeds`` times, with seeds ``settings.train.seed + i``; ``trained``
+    holds first-seed models. Deterministic baselines run once. Each model's result is the mean over its
+    seeds; the primary model is then compared with the best baseline of each group.
+    """
     models = check_model_names(models)
+    configs = seed_configs(settings.train, seeds)
     catalog = context.data.catalog_item_ids()
     points = test_points if test_points is not None else build_eval_points(context.data, context.split.test)
-    outcome = ExperimentOutcome(results={}, trained=dict(trained or {}))
+    outcome = ExperimentOutcome(
+        results={}, trained=dict(trained or {}), seeds=[config.seed for config in configs]
+    )
     outcome.details["test_points"] = len(points)
-    groups: torch.Tensor | None = None
+    if seeds > 1:
+        outcome.details["seeds"] = outcome.seeds
+    groups_by_seed: dict[int, torch.Tensor] = {}
     for name in models:
         started = time.perf_counter()
         if name in HEURISTIC_BASELINES:
-            ranker: Ranker = heuristic_ranker(name, context, catalog, outcome.details)
+            ranker = heuristic_ranker(name, context, catalog, outcome.details)
+            runs = [evaluate(ranker, points, catalog, progress=progress)]
         else:
-            if name not in outcome.trained:
-                needs_groups = (
-                    settings.model.use_group_attention
-                    and name not in LEARNT_BASELINES
-                    and (ABLATIONS.get(name, {}).get("use_group_attention", True))
-                )
-                if needs_groups and groups is None:
-                    # One pre-training serves every variant: the groups do not depend on the variant.
-                    groups = fit_user_groups(context, settings.model, settings.train, progress)
-                outcome.trained[name] = train_variant(
-                    name, context, settings.model, settings.train, groups, progress
-                )
-            ranker = ModelRanker(
-                name, outcome.trained[name].net, context.encoder, context.data.users, catalog
-            )
-        outcome.results[name] = evaluate(ranker, points, catalog, progress=progress)
+            runs = trained_runs(name, context, settings, configs, outcome, groups_by_seed, points, progress)
+        outcome.seed_results[name] = runs
+        outcome.results[name] = mean_over_seeds(runs)
+        outcome.spread[name] = spread_over_seeds(runs)
         outcome.details.setdefault("seconds", {})[name] = round(time.perf_counter() - started, 1)
-        headline = outcome.results[name].groups.get("all", {})
-        log.info(
-            "%s: all-users recall@50 %.4f ndcg@50 %.4f (%.0fs)",
-            name,
-            headline.get("recall@50", 0.0),
-            headline.get("ndcg@50", 0.0),
-            time.perf_counter() - started,
-        )
+        label = f" (mean of {len(runs)} seeds)" if len(runs) > 1 else ""
+        log_result(name, outcome.results[name], label, time.perf_counter() - started)
+    outcome.significance = compare_with_best_baselines(
+        outcome.results, PRIMARY_MODEL, baseline_names(), HEADLINE_METRICS
+    )
     return outcome

@@ -50,6 +50,10 @@ class ModelConfig(BaseModel):
     use_dkd: bool = False
     dkd_alpha: float = Field(0.05, ge=0.0)
     initial_scale: float = Field(10.0, gt=0.0, description="starting value of the learnable cosine scale")
+    # The SASRec baseline's transformer (model/baselines/sasrec.py); Kang & McAuley's ML-1M settings.
+    sasrec_blocks: int = Field(2, ge=1, description="causal self-attention blocks of the SASRec baseline")
+    sasrec_heads: int = Field(1, ge=1, description="attention heads; must divide embedding_dim")
+    sasrec_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="SASRec dropout while training")
 
 
 class TrainConfig(BaseModel):

@@ -185,6 +185,62 @@ def test_run_rejects_unknown_models_before_training(tmp_path: Path, monkeypatch:
     assert not (run_dir / "checkpoint.pt").exists()
 
 
+# ----- evaluate with several training seeds ------------------------------------------------------------
+
+
+def test_evaluate_help_documents_seeds() -> None:
+    result = invoke("evaluate", "--help")
+    assert result.exit_code == 0
+    assert "--seeds" in result.output and "bootstrap" in result.output
+
+
+def test_evaluate_rejects_zero_seeds(tmp_path: Path) -> None:
+    result = invoke("evaluate", "--data", "synthetic:60", "--seeds", "0", "--run-dir", tmp_path / "run")
+    assert result.exit_code == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_with_two_seeds_reports_std_and_significance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in SMALL_ENV.items():
+        monkeypatch.setenv(name, value)
+    run_dir = tmp_path / "run"
+    result = invoke(
+        "evaluate",
+        "--data",
+        "synthetic:200",
+        "--models",
+        "cold_warm_net,most_popular",
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+        "--run-dir",
+        run_dir,
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    assert report["seeds"] == {"count": 2, "runs": {"cold_warm_net": 2, "most_popular": 1}}
+    assert report["extra"]["seeds"] == [0, 1]
+    assert [r["seed"] for r in report["extra"]["seed_training"]["cold_warm_net"]] == [0, 1]
+    std = report["results_std"]["cold_warm_net"]["groups"]
+    assert set(std) == set(GROUP_NAMES)
+    assert any(std[g]["recall@50"] > 0 for g in GROUP_NAMES)  # two seeds, two different models
+    assert report["results_std"]["most_popular"]["groups"]["all"]["recall@50"] == 0.0
+    significance = report["significance"]
+    assert significance["model"] == "cold_warm_net"
+    for group in GROUP_NAMES:
+        for metric in ("recall@50", "ndcg@50"):
+            comparison = significance["groups"][group][metric]
+            assert comparison["baseline"] == "most_popular"
+            assert comparison["low"] <= comparison["difference"] <= comparison["high"]
+            assert comparison["significant"] == (comparison["low"] > 0)
+    markdown = (run_dir / "report" / "report.md").read_text()
+    assert "±" in markdown and "95% interval" in markdown
+    assert "±" in result.output  # the printed table too
+
+
 # ----- the whole job ------------------------------------------------------------------------------------
 
 
