@@ -51,6 +51,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {},
         {"session_start_share": 0.2, "long_gap_share": 0.5},
     ),
+    "same (50%), from 10 actions on": ({}, {"session_start_share": 0.5, "session_start_from": 10}),
+    "same (50%), from 6 actions on": ({}, {"session_start_share": 0.5, "session_start_from": 6}),
 }
 
 
@@ -142,7 +144,12 @@ def main() -> None:
     names = list(VARIANTS)
     if args.variants != "all":
         names = [names[int(i)] for i in args.variants.split(",")]
-    rows = {}
+    previous = (
+        json.loads(args.out.with_suffix(".json").read_text())
+        if args.out.with_suffix(".json").exists()
+        else {}
+    )
+    rows = {name: row for name, row in previous.get("variants", {}).items() if name in VARIANTS}
     for name in names:
         rows[name] = measure(name, data, settings)
         args.out.with_suffix(".json").write_text(

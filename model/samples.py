@@ -71,10 +71,12 @@ def session_start_times(
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Request time of each sample: its target's timestamp, or for a ``session_start_share`` of the
-    samples with a history, the last action's time plus a drawn pause."""
+    samples with at least ``session_start_from`` actions, the last action's time plus a drawn pause."""
     flat = sequences.offsets[user_rows] + positions
     now = sequences.timestamps[flat].astype(np.int64)
-    moved = (positions > 0) & (rng.random(len(positions)) < config.session_start_share)
+    moved = (positions >= config.session_start_from) & (
+        rng.random(len(positions)) < config.session_start_share
+    )
     if moved.any():
         data_gaps = session_start_gaps(sequences, config.session_gap_s)
         gaps = draw_gaps(rng, int(moved.sum()), data_gaps, config)

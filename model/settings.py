@@ -82,6 +82,9 @@ class TrainConfig(BaseModel):
         description="share of training samples asked for at the start of a later session (request time "
         "moved to the last action + a gap) instead of at the moment of the next interaction",
     )
+    session_start_from: int = Field(
+        1, ge=1, description="history length from which a sample may be moved to a later session start"
+    )
     session_gap_s: float = Field(1800.0, gt=0, description="a pause this long starts a new session")
     long_gap_share: float = Field(
         0.5,

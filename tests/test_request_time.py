@@ -121,6 +121,14 @@ def test_only_data_gaps_when_the_tail_is_off(sequences: UserSequences) -> None:
     assert np.isin(pauses, data_gaps).all()
 
 
+def test_short_histories_stay_at_their_target_time_below_session_start_from(sequences: UserSequences) -> None:
+    user_rows, positions, target_time = sample_rows(sequences)
+    config = TrainConfig(session_start_share=1.0, session_start_from=10)
+    now = session_start_times(sequences, user_rows, positions, config, np.random.default_rng(2))
+    np.testing.assert_array_equal(now[positions < 10], target_time[positions < 10])
+    assert (now[positions >= 10] != target_time[positions >= 10]).mean() > 0.99
+
+
 def test_samples_are_reproducible_per_seed(sequences: UserSequences) -> None:
     data = generate_synthetic(n_users=200, n_items=80, seed=7)
     encoder = FeatureEncoder.fit(data, split_users(data).train, FeatureConfig())
