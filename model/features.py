@@ -120,12 +120,10 @@ class FeatureEncoder:
         self.item_popularity = np.asarray(item_popularity, dtype=np.int64)
         self.item_genres = list(item_genres)
         self.item_years = np.asarray(item_years, dtype=np.int64)
-        # Per state column: the bucket served in place of each bucket (identity until fitted), and the
-        # training samples each bucket had.
+        # Per state column: the bucket served in place of each bucket (identity until fitted).
         self.state_buckets: list[np.ndarray] = [
             np.arange(c, dtype=np.int64) for c in self.state_cardinalities()
         ]
-        self.state_samples: list[np.ndarray] | None = None
 
     # ----- fitting -----------------------------------------------------------------------------
     @classmethod
@@ -162,12 +160,14 @@ class FeatureEncoder:
         would get an arbitrary gate. ``state_codes`` are the encoded training samples' state columns.
         """
         state_codes = np.asarray(state_codes, dtype=np.int64)
-        self.state_buckets, self.state_samples = [], []
-        for column, cardinality in enumerate(self.state_cardinalities()):
-            # Fitting again on codes this map produced gives the same map: buckets it moves end at 0.
-            counts = np.bincount(state_codes[:, column], minlength=cardinality)[:cardinality]
-            self.state_samples.append(counts)
-            self.state_buckets.append(nearest_trained_bucket(counts, self.config.min_state_samples))
+        # Fitting again on codes this map produced gives the same map: buckets it moves end at 0.
+        self.state_buckets = [
+            nearest_trained_bucket(
+                np.bincount(state_codes[:, column], minlength=cardinality)[:cardinality],
+                self.config.min_state_samples,
+            )
+            for column, cardinality in enumerate(self.state_cardinalities())
+        ]
 
     def remapped_state_buckets(self) -> dict[str, dict[int, int]]:
         """{state column: {bucket: bucket served in its place}} for the buckets not served as themselves."""
@@ -231,14 +231,15 @@ class FeatureEncoder:
         seen = count > 0
         since_first = (now - np.asarray(raw.first_timestamp, dtype=np.float64)) / SECONDS_PER_DAY
         since_last = (now - np.asarray(raw.last_timestamp, dtype=np.float64)) / SECONDS_PER_DAY
-        buckets = (
-            bucketise(count, tuple(float(b) for b in self.config.count_bounds)),
-            bucketise(np.maximum(since_first, 0.0), self.config.days_bounds, present=seen),
-            bucketise(np.maximum(since_last, 0.0), self.config.days_bounds, present=seen),
+        buckets = np.stack(
+            [
+                bucketise(count, tuple(float(b) for b in self.config.count_bounds)),
+                bucketise(np.maximum(since_first, 0.0), self.config.days_bounds, present=seen),
+                bucketise(np.maximum(since_last, 0.0), self.config.days_bounds, present=seen),
+            ],
+            axis=1,
         )
-        return np.stack(
-            [served[raw] for served, raw in zip(self.state_buckets, buckets, strict=True)], axis=1
-        )
+        return self.serve_state_buckets(buckets)
 
     def state_cardinalities(self) -> tuple[int, int, int]:
         count = len(self.config.count_bounds) + 1
@@ -284,7 +285,6 @@ class FeatureEncoder:
             "item_genres": self.item_genres,
             "item_years": self.item_years.tolist(),
             "state_buckets": [column.tolist() for column in self.state_buckets],
-            "state_samples": None if self.state_samples is None else [c.tolist() for c in self.state_samples],
         }
 
     @classmethod
@@ -300,8 +300,6 @@ class FeatureEncoder:
         # Encoders saved before the coverage was fitted serve every bucket as itself, as they did.
         if state.get("state_buckets") is not None:
             encoder.state_buckets = [np.asarray(c, dtype=np.int64) for c in state["state_buckets"]]
-        if state.get("state_samples") is not None:
-            encoder.state_samples = [np.asarray(c, dtype=np.int64) for c in state["state_samples"]]
         return encoder
 
     def save(self, path: Path) -> None:

@@ -90,10 +90,10 @@ def raw_prefixes(
     user_rows: np.ndarray,
     positions: np.ndarray,
     max_history: int,
-    now: np.ndarray | None = None,
+    now: np.ndarray,
 ) -> RawUsers:
     """Users ``user_rows`` as of their ``positions``-th interaction (that interaction not included),
-    asked at ``now`` (default: that interaction's timestamp)."""
+    asked at ``now``."""
     base = sequences.offsets[user_rows]
     back = np.arange(max_history)[None, :]
     flat = base[:, None] + positions[:, None] - 1 - back
@@ -102,8 +102,6 @@ def raw_prefixes(
     seen = positions > 0
     first = np.where(seen, sequences.timestamps[base], 0)
     last = np.where(seen, sequences.timestamps[np.maximum(base + positions - 1, 0)], 0)
-    if now is None:
-        now = sequences.timestamps[base + positions]
     user_profiles = {field: values[user_rows] for field, values in profiles.items()}
     return RawUsers(user_profiles, history, positions.astype(np.int64), first, last, now)
 
@@ -140,10 +138,8 @@ def build_training_samples(
     targets = encoder.catalog_positions(sequences.items)
     keep = targets >= 0
     user_rows, positions, targets = user_rows[keep], positions[keep], targets[keep]
-    if config is None:
-        now = sequences.timestamps[sequences.offsets[user_rows] + positions]
-    else:
-        now = session_start_times(sequences, user_rows, positions, config, np.random.default_rng(config.seed))
+    config = config or TrainConfig(session_start_share=0.0)
+    now = session_start_times(sequences, user_rows, positions, config, np.random.default_rng(config.seed))
     profiles = profile_arrays(data_users, sequences.user_ids)
     parts: list[EncodedUsers] = []
     for start in range(0, len(user_rows), chunk_size):

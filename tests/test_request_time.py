@@ -60,7 +60,7 @@ def test_the_map_survives_saving_and_an_old_encoder_serves_buckets_as_themselves
     for ours, theirs in zip(encoder.state_buckets, loaded.state_buckets, strict=True):
         np.testing.assert_array_equal(ours, theirs)
     old = encoder.to_dict()
-    del old["state_buckets"], old["state_samples"]
+    del old["state_buckets"]
     assert FeatureEncoder.from_dict(old).remapped_state_buckets() == {}
 
 
