@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from index_builder.faiss_index import EMPTY_ID
@@ -58,21 +57,16 @@ def sample_points(data: InteractionData, n: int, seed: int) -> list[EvalPoint]:
     return [points[i] for i in picks]
 
 
-@torch.no_grad()
 def sample_user_queries(
     artifacts: Artifacts, data: InteractionData, n: int, seed: int = 0, progress: bool = False
 ) -> np.ndarray:
     """float32 (n, d + 1) queries from the artifact's own user tower, as the service would compute them."""
     points = sample_points(data, n, seed)
-    tower = artifacts.user_tower
-    tower.eval()
     embeddings = []
     starts = range(0, len(points), USER_TOWER_BATCH)
     for start in tqdm(starts, desc="user queries", unit="batch", disable=not progress, leave=False):
         encoded = encode_points(points[start : start + USER_TOWER_BATCH], data.users, artifacts.encoder)
-        e_u, _, _ = tower(
-            torch.as_tensor(encoded.profile), torch.as_tensor(encoded.history), torch.as_tensor(encoded.state)
-        )
+        e_u, _, _ = artifacts.embed_users(encoded)
         embeddings.append(e_u.float().cpu().numpy())
     lengths = np.bincount([p.h for p in points])
     logger.info(

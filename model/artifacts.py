@@ -29,7 +29,7 @@ import torch
 
 from model.data.loading import SYNTHETIC, load_dataset
 from model.data.schema import InteractionData
-from model.features import FeatureEncoder
+from model.features import EncodedUsers, FeatureEncoder
 
 USER_TOWER_FILE = "user_tower.pt"
 ITEMS_FILE = "items.npz"
@@ -71,6 +71,16 @@ class Artifacts:
     @property
     def scale(self) -> float:
         return float(self.manifest["scale"])
+
+    def embed_users(self, encoded: EncodedUsers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(unit embedding (B, d), user bias b_u (B,), gate weights (B, 2) [cold, warm]) of encoded users:
+        the exported tower, run the one way the service, the index's recall and the replay all use."""
+        with torch.inference_mode():  # cheaper than no_grad: no version counters on the outputs
+            return self.user_tower(
+                torch.from_numpy(encoded.profile),
+                torch.from_numpy(encoded.history),
+                torch.from_numpy(encoded.state),
+            )
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from model.artifacts import Artifacts
-from model.evaluation.protocol import EvalPoint
+from model.evaluation.protocol import EvalPoint, catalog_indices
 from model.features import EncodedUsers, FeatureEncoder, profile_arrays, raw_users_from_histories
 
 
@@ -34,13 +34,11 @@ def item_columns(model_item_ids: np.ndarray, catalog_item_ids: np.ndarray) -> np
     written), so the lookup goes through a sort instead of assuming one.
     """
     model_item_ids = np.asarray(model_item_ids, dtype=np.int64)
-    catalog_item_ids = np.asarray(catalog_item_ids, dtype=np.int64)
-    if len(model_item_ids) == 0:
-        return np.full(len(catalog_item_ids), -1, dtype=np.int64)
     order = np.argsort(model_item_ids, kind="stable")
-    ranks = np.minimum(np.searchsorted(model_item_ids[order], catalog_item_ids), len(order) - 1)
-    found = model_item_ids[order[ranks]] == catalog_item_ids
-    return np.where(found, order[ranks], -1).astype(np.int64)
+    ranks = catalog_indices(model_item_ids[order], np.asarray(catalog_item_ids, dtype=np.int64))
+    if len(order) == 0:  # catalog_indices finds nothing in an empty list
+        return ranks
+    return np.where(ranks >= 0, order[np.maximum(ranks, 0)], -1)
 
 
 def on_catalog(scores: np.ndarray, columns: np.ndarray) -> np.ndarray:
@@ -110,14 +108,7 @@ class ArtifactsRanker:
 
     def user_side(self, points: Sequence[EvalPoint]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(unit embedding (n, d), user bias b_u (n,), gate weights (n, 2) [cold, warm]) of the points."""
-        encoded = encode_points(points, self.users, self.artifacts.encoder)
-        with torch.inference_mode():
-            embedding, user_bias, gate = self.artifacts.user_tower(
-                torch.from_numpy(encoded.profile),
-                torch.from_numpy(encoded.history),
-                torch.from_numpy(encoded.state),
-            )
-        return embedding, user_bias, gate
+        return self.artifacts.embed_users(encode_points(points, self.users, self.artifacts.encoder))
 
     def score(self, points: Sequence[EvalPoint]) -> np.ndarray:
         embedding, user_bias, _ = self.user_side(points)

@@ -103,12 +103,7 @@ def embed_user(
     """(FAISS query (1, d + 1), user bias b_u (1,), gate weights (1, 2)) of one user at time ``now``."""
     encoder = bundle.artifacts.encoder
     encoded = encoder.encode_users(records_to_raw_users([record], now, encoder.config.max_history))
-    with torch.inference_mode():  # cheaper than no_grad: no version counters on the outputs
-        embedding, user_bias, gate = bundle.artifacts.user_tower(
-            torch.from_numpy(encoded.profile),
-            torch.from_numpy(encoded.history),
-            torch.from_numpy(encoded.state),
-        )
+    embedding, user_bias, gate = bundle.artifacts.embed_users(encoded)
     return query_vectors(embedding.numpy()), user_bias, gate
 
 
