@@ -193,7 +193,7 @@ def replay(url: str, artifacts: Any, data: Any, points: list[Any], catalog: np.n
             replay_points(
                 url,
                 points,
-                data.users,
+                data,
                 catalog,
                 modes=MODES,
                 k=args.k,
@@ -274,10 +274,11 @@ def report(
     agreed: dict[str, dict[str, Any]],
     server_settings: dict[str, str] | None,
 ) -> dict[str, Any]:
-    from service.replay import DATA_TIME, WALL_CLOCK, gate_cold_means, served_evaluation
+    from model.evaluation.protocol import evaluate_rankings, gate_cold_means
+    from service.replay import DATA_TIME, WALL_CLOCK
 
     served = {
-        mode: served_evaluation(f"served_{mode}", points, ranking.ranked, catalog)
+        mode: evaluate_rankings(f"served_{mode}", points, ranking.ranked, catalog)
         for mode, ranking in replayed.modes.items()
     }
     gates = {"offline": gate_cold_means(points, offline_gates)}

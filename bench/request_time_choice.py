@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from model.cli import setup_logging
 from model.data.loading import load_dataset
 from model.data.split import split_users
-from model.evaluation.protocol import EvalPoint, evaluate, groups_of
+from model.evaluation.protocol import EvalPoint, evaluate, gate_cold_means
 from model.features import FeatureEncoder
 from model.ranker import ModelRanker, encode_points
 from model.settings import Settings
@@ -63,17 +62,12 @@ def at_wall_clock(points: list[EvalPoint]) -> list[EvalPoint]:
 @torch.no_grad()
 def mean_cold_weight(
     net: torch.nn.Module, encoder: FeatureEncoder, users: Any, points: list[EvalPoint]
-) -> dict:
+) -> dict[str, float]:
     encoded = encode_points(points, users, encoder)
     _, _, gate = net.user_tower(
         torch.as_tensor(encoded.profile), torch.as_tensor(encoded.history), torch.as_tensor(encoded.state)
     )
-    cold = gate[:, 0].numpy()
-    out = {}
-    for group in ("cold_start", "warm_up", "active", "all"):
-        mask = np.array([group in groups_of(p.h) for p in points])
-        out[group] = round(float(cold[mask].mean()), 4) if mask.any() else None
-    return out
+    return {group: round(mean, 4) for group, mean in gate_cold_means(points, gate.numpy()).items()}
 
 
 def measure(name: str, data: Any, settings: Settings) -> dict[str, Any]:

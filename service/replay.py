@@ -24,11 +24,11 @@ from typing import Any
 
 import httpx
 import numpy as np
-import pandas as pd
 
-from model.data.schema import PROFILE_FIELDS
-from model.evaluation.metrics import EMPTY_SLOT, compute_metrics
-from model.evaluation.protocol import KS, EvalPoint, EvaluationResult, catalog_indices, summarise
+from model.data.schema import InteractionData
+from model.evaluation.metrics import EMPTY_SLOT
+from model.evaluation.protocol import EvalPoint, catalog_indices
+from service.feature_store.records import iter_records
 
 DATA_TIME = "data_time"
 WALL_CLOCK = "wall_clock"
@@ -84,19 +84,10 @@ class ReplayResult:
 
 
 # ----- requests --------------------------------------------------------------------------------------
-def profile_table(users: pd.DataFrame) -> dict[int, dict[str, str]]:
-    """Each user's non-empty profile fields as strings: what the feature store holds for them.
-
-    Built once, so that replaying thousands of points does not filter the user table per point.
-    """
-    table: dict[int, dict[str, str]] = {}
-    columns = [name for name in PROFILE_FIELDS if name in users.columns]
-    for row in users[["user_id", *columns]].itertuples(index=False):
-        values = dict(zip(columns, row[1:], strict=True))
-        table[int(row[0])] = {
-            name: str(value) for name, value in values.items() if not pd.isna(value) and str(value) != ""
-        }
-    return table
+def stored_profiles(data: InteractionData, user_ids: Sequence[int]) -> dict[int, dict[str, str]]:
+    """Each user's profile as the feature store holds it (the bulk loader's own translation), built
+    once, so that replaying thousands of points does not search the user table per point."""
+    return {record.user_id: record.profile for record in iter_records(data, np.unique(user_ids), cap=1)}
 
 
 def event_id(index: int) -> str:
@@ -202,7 +193,7 @@ async def replay_point(
 async def replay_points(
     base_url: str,
     points: Sequence[EvalPoint],
-    users: pd.DataFrame,
+    data: InteractionData,
     catalog_item_ids: np.ndarray,
     *,
     modes: Sequence[str] = MODES,
@@ -216,7 +207,7 @@ async def replay_points(
     """Replays every point through the service at ``base_url`` (at most ``concurrency`` points in
     flight) and collects its answers per mode.
 
-    ``users`` is the user table the points come from (profiles), ``catalog_item_ids`` the protocol's
+    ``data`` is the data set the points come from (their profiles), ``catalog_item_ids`` the protocol's
     sorted catalog the answers are mapped onto. User ids ``base_user_id .. base_user_id + len(points)
     - 1`` are written to the service's feature store: use a key prefix of the replay's own, or ids no
     one else uses. With ``expected_model_version`` an answer from any other model raises: comparing
@@ -227,7 +218,7 @@ async def replay_points(
     unknown = [mode for mode in modes if mode not in MODES]
     if unknown:  # before any write, not after a replay's worth of events
         raise ValueError(f"unknown replay modes {unknown}; expected some of {MODES}")
-    profiles = profile_table(users)
+    profiles = stored_profiles(data, [point.user_id for point in points])
     answers: list[dict[str, ServedAnswer] | None] = [None] * len(points)
     requests: Counter[str] = Counter()
     bar = _progress_bar(len(points), progress)
@@ -319,44 +310,3 @@ def rankings(
         model_versions=sorted({a.model_version for a in answers}),
         index_versions=sorted({a.index_version for a in answers}),
     )
-
-
-# ----- figures -----------------------------------------------------------------------------------------
-def _point_arrays(points: Sequence[EvalPoint]) -> tuple[np.ndarray, np.ndarray]:
-    return (
-        np.array([p.h for p in points], dtype=np.int64),
-        np.array([p.user_id for p in points], dtype=np.int64),
-    )
-
-
-def served_evaluation(
-    name: str,
-    points: Sequence[EvalPoint],
-    ranked: np.ndarray,
-    catalog_item_ids: np.ndarray,
-    ks: Sequence[int] = KS,
-) -> EvaluationResult:
-    """The protocol's figures of served rankings: ``compute_metrics`` and ``summarise``, as ``evaluate``
-    applies them to a ranker's top-K, so that served and offline numbers come from one metric code."""
-    catalog_item_ids = np.asarray(catalog_item_ids, dtype=np.int64)
-    if len(ranked) != len(points):
-        raise ValueError(f"{len(ranked)} rankings for {len(points)} points")
-    targets = (
-        np.stack([catalog_indices(catalog_item_ids, p.target_item_ids) for p in points])
-        if points
-        else np.zeros((0, 0), np.int64)
-    )
-    per_point = compute_metrics(np.asarray(ranked, dtype=np.int64), targets, tuple(int(k) for k in ks))
-    point_h, point_user = _point_arrays(points)
-    return summarise(name, per_point, point_h, point_user)
-
-
-def gate_cold_means(points: Sequence[EvalPoint], gates: np.ndarray) -> dict[str, float]:
-    """Mean cold-expert gate weight per protocol group: how "cold" the model takes each group's users.
-
-    Averaged by ``summarise`` like a metric, so the groups are exactly the protocol's.
-    """
-    point_h, point_user = _point_arrays(points)
-    cold = np.asarray(gates, dtype=np.float64).reshape(len(points), 2)[:, 0]
-    result = summarise("gate", {"gate_cold": cold}, point_h, point_user)
-    return {group: values["gate_cold"] for group, values in result.groups.items()}

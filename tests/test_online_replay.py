@@ -18,7 +18,14 @@ import redis
 
 from model.artifacts import load_artifacts
 from model.evaluation.metrics import EMPTY_SLOT
-from model.evaluation.protocol import EvalPoint, build_eval_points, evaluate, rank_points
+from model.evaluation.protocol import (
+    EvalPoint,
+    build_eval_points,
+    evaluate,
+    evaluate_rankings,
+    gate_cold_means,
+    rank_points,
+)
 from model.ranker import ArtifactsRanker, ModelRanker, item_columns, on_catalog
 from service.feature_store import KeyLayout
 from service.replay import (
@@ -27,9 +34,7 @@ from service.replay import (
     WALL_CLOCK,
     ReplayError,
     ReplayResult,
-    gate_cold_means,
     replay_points,
-    served_evaluation,
 )
 
 pytest.register_assert_rewrite("service_fixtures")
@@ -96,7 +101,7 @@ def replayed(serving_artifacts: ServingArtifacts, redis_client: redis.Redis) -> 
                 replay_points(
                     server.url,
                     points,
-                    serving_artifacts.data.users,
+                    serving_artifacts.data,
                     catalog,
                     modes=MODES,
                     k=K,
@@ -160,7 +165,7 @@ def test_served_gate_and_metrics_equal_offline(replayed: Replayed) -> None:
     gates = replayed.ranker.gates(replayed.points)
     np.testing.assert_allclose(served.gates, gates, atol=GATE_TOLERANCE, rtol=0)
     offline = evaluate(replayed.ranker, replayed.points, replayed.catalog, progress=False)
-    online = served_evaluation("served", replayed.points, served.ranked, replayed.catalog)
+    online = evaluate_rankings("served", replayed.points, served.ranked, replayed.catalog)
     assert online.points == offline.points
     assert online.groups == offline.groups
     assert online.curve == offline.curve
@@ -195,7 +200,7 @@ def test_a_user_id_that_already_holds_events_is_refused(
             replay_points(
                 replayed.server.url,
                 [point],
-                serving_artifacts.data.users,
+                serving_artifacts.data,
                 replayed.catalog,
                 modes=(DATA_TIME,),
                 base_user_id=replayed.replay.base_user_id + taken,
@@ -235,7 +240,7 @@ def test_a_non_200_answer_raises_with_its_body(
             replay_points(
                 replayed.server.url,
                 [future],
-                serving_artifacts.data.users,
+                serving_artifacts.data,
                 replayed.catalog,
                 modes=(DATA_TIME,),
                 base_user_id=replayed.replay.base_user_id + 10_000,

@@ -241,6 +241,47 @@ def summarise(
     )
 
 
+def evaluate_rankings(
+    name: str,
+    points: Sequence[EvalPoint],
+    ranked: np.ndarray,
+    catalog_item_ids: np.ndarray,
+    ks: Sequence[int] = KS,
+) -> EvaluationResult:
+    """Recall/NDCG/HR@K per group and per h of given top-K rankings ((n, K) catalog indices,
+    EMPTY_SLOT padded): a ranker's, or what a service answered for the same points."""
+    catalog_item_ids = np.asarray(catalog_item_ids, dtype=np.int64)
+    if len(ranked) != len(points):
+        raise ValueError(f"{len(ranked)} rankings for {len(points)} points")
+    n_targets = len(points[0].target_item_ids) if points else N_TARGETS
+    # A target outside the catalog maps to EMPTY_SLOT, which hit_matrix never counts as a hit.
+    targets = (
+        np.stack([catalog_indices(catalog_item_ids, p.target_item_ids) for p in points])
+        if points
+        else np.zeros((0, n_targets), np.int64)
+    )
+    per_point = compute_metrics(np.asarray(ranked, dtype=np.int64), targets, tuple(int(k) for k in ks))
+    point_h, point_user = point_arrays(points)
+    return summarise(name, per_point, point_h, point_user)
+
+
+def point_arrays(points: Sequence[EvalPoint]) -> tuple[np.ndarray, np.ndarray]:
+    """(history length, user id) of each point, as the int64 arrays ``summarise`` groups by."""
+    return (
+        np.array([p.h for p in points], dtype=np.int64),
+        np.array([p.user_id for p in points], dtype=np.int64),
+    )
+
+
+def gate_cold_means(points: Sequence[EvalPoint], gates: np.ndarray) -> dict[str, float]:
+    """Mean cold-expert gate weight per group ((n, 2) gates [cold, warm]): how "cold" the model takes
+    each group's users, averaged by ``summarise`` like a metric."""
+    point_h, point_user = point_arrays(points)
+    cold = np.asarray(gates, dtype=np.float64).reshape(len(points), 2)[:, 0]
+    result = summarise("gate", {"gate_cold": cold}, point_h, point_user)
+    return {group: values["gate_cold"] for group, values in result.groups.items()}
+
+
 def evaluate(
     ranker: Ranker,
     points: Sequence[EvalPoint],
@@ -255,14 +296,4 @@ def evaluate(
         raise ValueError("catalog_item_ids must be sorted and unique")
     ks = tuple(int(k) for k in ks)
     ranked = rank_points(ranker, points, catalog_item_ids, max(ks), batch_size, progress)
-    n_targets = len(points[0].target_item_ids) if points else N_TARGETS
-    # A target outside the catalog maps to EMPTY_SLOT, which hit_matrix never counts as a hit.
-    targets = (
-        np.stack([catalog_indices(catalog_item_ids, p.target_item_ids) for p in points])
-        if points
-        else np.zeros((0, n_targets), np.int64)
-    )
-    per_point = compute_metrics(ranked, targets, ks)
-    point_h = np.array([p.h for p in points], dtype=np.int64)
-    point_user = np.array([p.user_id for p in points], dtype=np.int64)
-    return summarise(ranker.name, per_point, point_h, point_user)
+    return evaluate_rankings(ranker.name, points, ranked, catalog_item_ids, ks)
