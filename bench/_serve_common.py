@@ -258,6 +258,20 @@ def connect_redis(url: str) -> Any:
     return client
 
 
+def training_data_warning(manifest: dict[str, Any], data: Any, consequence: str) -> str | None:
+    """A warning when ``data`` is not the data the artifacts were trained on; None when it is, or when
+    the manifest records no fingerprint to tell."""
+    from model.artifacts import DataMismatchError, check_training_data
+
+    if not manifest.get("data_fingerprint"):
+        return None
+    try:
+        check_training_data(manifest, data)
+    except DataMismatchError as error:
+        return f"WARNING: {error}: {consequence}"
+    return None
+
+
 def delete_keys(client: Any, pattern: str) -> int:
     """Deletes every key matching ``pattern`` (SCAN, never KEYS); returns how many."""
     deleted = 0

@@ -43,7 +43,14 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _serve_common import BenchError, ServerProcess, connect_redis, delete_keys, machine_info  # noqa: E402  (bench/ is not a package)
+from _serve_common import (
+    BenchError,
+    ServerProcess,
+    connect_redis,
+    delete_keys,
+    machine_info,
+    training_data_warning,
+)  # noqa: E402  (bench/ is not a package)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-1m-first2999"
@@ -85,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----- inputs -----------------------------------------------------------------------------------------
 def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[Any], np.ndarray]:
     """(artifacts, data, the protocol's test points, the protocol's catalog)."""
-    from model.artifacts import ArtifactError, data_fingerprint, load_artifacts
+    from model.artifacts import ArtifactError, load_artifacts
     from model.data.loading import load_dataset
     from model.data.split import split_users
     from model.evaluation.protocol import build_eval_points
@@ -97,11 +104,11 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, list[Any], np.ndarr
     log(f"artifacts {artifacts.directory} (model {artifacts.version}, {artifacts.manifest.get('dataset')})")
     log(f"loading data {args.data}")
     data = load_dataset(args.data)
-    if artifacts.manifest.get("data_fingerprint") not in (None, data_fingerprint(data)):
-        log(
-            f"WARNING: {artifacts.directory} was trained on {artifacts.manifest.get('dataset')!r}, not on "
-            f"{data.name!r}: offline and served figures still compare, but neither means much"
-        )
+    warning = training_data_warning(
+        artifacts.manifest, data, "offline and served figures still compare, but neither means much"
+    )
+    if warning:
+        log(warning)
     test_users = split_users(data).test
     if args.limit_users is not None:
         test_users = test_users[: args.limit_users]

@@ -58,6 +58,7 @@ from _serve_common import (  # noqa: E402  (bench/ is not a package)
     run_async,
     run_phase,
     simple_request,
+    training_data_warning,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,7 +369,7 @@ def serve_scenario(
 
 
 def movielens_scenario(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    from model.artifacts import ArtifactError, data_fingerprint, load_artifacts
+    from model.artifacts import ArtifactError, load_artifacts
     from model.data.loading import load_dataset
 
     try:
@@ -381,11 +382,11 @@ def movielens_scenario(args: argparse.Namespace) -> tuple[list[dict[str, Any]], 
         ) from error
     log(f"loading data {args.data}")
     data = load_dataset(args.data)
-    if artifacts.manifest.get("data_fingerprint") not in (None, data_fingerprint(data)):
-        log(
-            f"WARNING: {artifacts.directory} was trained on {artifacts.manifest.get('dataset')!r}, "
-            f"not on {data.name!r}: the users still get answers, but their histories mean little"
-        )
+    warning = training_data_warning(
+        artifacts.manifest, data, "the users still get answers, but their histories mean little"
+    )
+    if warning:
+        log(warning)
     user_ids = np.union1d(data.users["user_id"].to_numpy(np.int64), data.interactions["user_id"].to_numpy())
     name = "movielens" if Path(str(args.data)).is_dir() else f"http-{data.name}"
     params = dict(manifest.get("params", {}))

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.data.loading import SYNTHETIC, load_dataset
+from model.data.loading import is_synthetic_source, load_dataset
 from model.data.schema import InteractionData
 from model.features import EncodedUsers, FeatureEncoder
 
@@ -116,8 +116,7 @@ class DataSource:
 
 
 def _absolute_source(source: str | Path) -> str:
-    synthetic = isinstance(source, str) and (source == SYNTHETIC or source.startswith(SYNTHETIC + ":"))
-    return str(source) if synthetic else str(Path(source).resolve())
+    return str(source) if is_synthetic_source(source) else str(Path(source).resolve())
 
 
 def _absolute(path: Path | None) -> str | None:

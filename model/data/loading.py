@@ -17,7 +17,7 @@ def load_dataset(source: str | Path, users: Path | None = None, items: Path | No
 
     ``users`` and ``items`` are side tables for a generic file only: a MovieLens directory brings its own.
     """
-    if isinstance(source, str) and (source == SYNTHETIC or source.startswith(SYNTHETIC + ":")):
+    if is_synthetic_source(source):
         _reject_side_tables(source, users, items)
         n_users = _synthetic_users(source)
         return generate_synthetic() if n_users is None else generate_synthetic(n_users=n_users)
@@ -34,6 +34,11 @@ def load_dataset(source: str | Path, users: Path | None = None, items: Path | No
         "no such file or directory; expected 'synthetic[:N_USERS]', a MovieLens directory "
         "or a CSV/Parquet file",
     )
+
+
+def is_synthetic_source(source: str | Path) -> bool:
+    """``"synthetic"`` or ``"synthetic:N_USERS"``: generated data, not a path."""
+    return isinstance(source, str) and (source == SYNTHETIC or source.startswith(SYNTHETIC + ":"))
 
 
 def _synthetic_users(source: str) -> int | None:
