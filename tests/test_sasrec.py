@@ -10,13 +10,14 @@ import torch
 from model_fixtures import one_torch_thread
 
 from model.baselines.popular import MostPopular
-from model.baselines.sasrec import SASRec, blocked_pairs, oldest_first
+from model.baselines.sasrec import SASRec
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data.split import split_users
 from model.data.synthetic import generate_synthetic
 from model.evaluation.protocol import EvaluationResult, build_eval_points, evaluate
 from model.experiments import ALL_MODELS, LEARNT_BASELINES
 from model.features import FeatureEncoder
+from model.nn.sequence import blocked_pairs, oldest_first
 from model.ranker import ModelRanker
 from model.settings import FeatureConfig, ModelConfig, TrainConfig
 from model.train import TrainedModel, TrainingContext, fit_two_tower

@@ -1,0 +1,82 @@
+"""Causal self-attention over an action sequence: the transformer parts SASRec and the warm expert share.
+
+Sequences are oldest → newest and left-padded (0 = padding), so the last column is always the newest
+item; ``oldest_first`` turns the encoder's newest-first, right-padded history into that layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head scaled dot-product attention of ``queries`` over ``context``, where ``blocked``
+    (B, Q, L) marks the (query, key) pairs that must not attend."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"embedding_dim {dim} is not divisible by sasrec_heads {n_heads}")
+        self.n_heads = n_heads
+        self.head_dim = dim // n_heads
+        self.query = nn.Linear(dim, dim)
+        self.key_value = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.weights_dropout = nn.Dropout(dropout)
+
+    def forward(self, queries: torch.Tensor, context: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+        batch, n_queries, dim = queries.shape
+        q = self.query(queries).view(batch, n_queries, self.n_heads, self.head_dim).transpose(1, 2)
+        kv = self.key_value(context).view(batch, context.shape[1], 2, self.n_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(blocked.unsqueeze(1), float("-inf"))
+        weights = self.weights_dropout(torch.softmax(scores, dim=-1))
+        return self.out((weights @ v).transpose(1, 2).reshape(batch, n_queries, dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block: x + attention(LN(x)), then x + FFN(LN(x)), with dropout on each residual branch."""
+
+    def __init__(self, dim: int, hidden_dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(dim)
+        self.attention = CausalSelfAttention(dim, n_heads, dropout)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden_dim, dim)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, blocked: torch.Tensor, newest_only: bool) -> torch.Tensor:
+        """(B, L, d) → (B, L, d), or (B, 1, d) for the newest position alone when ``newest_only``."""
+        normed = self.attention_norm(x)
+        queries = normed
+        if newest_only:
+            x, queries, blocked = x[:, -1:], normed[:, -1:], blocked[:, -1:]
+        x = x + self.dropout(self.attention(queries, normed, blocked))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+def blocked_pairs(valid: torch.Tensor) -> torch.Tensor:
+    """(B, L, L): True where query i must not see key j, i.e. j is in i's future or j is padding.
+
+    A query always sees itself: a padding query then has one finite score instead of a softmax over
+    nothing (NaN), and a real query is unaffected since it is not padding.
+    """
+    length = valid.shape[1]
+    future = torch.ones(length, length, dtype=torch.bool, device=valid.device).triu(1)
+    itself = torch.eye(length, dtype=torch.bool, device=valid.device)
+    return future.unsqueeze(0) | ~(valid.unsqueeze(1) | itself.unsqueeze(0))
+
+
+def oldest_first(history: torch.Tensor) -> torch.Tensor:
+    """The encoder's newest-first, right-padded history as an oldest → newest, left-padded sequence,
+    the newest item last; the columns that are padding for every row are cut (they change nothing)."""
+    sequence = history.flip(1)
+    used = (sequence > 0).any(dim=0)
+    start = int(used.to(torch.int64).argmax()) if bool(used.any()) else sequence.shape[1] - 1
+    return sequence[:, start:]
