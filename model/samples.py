@@ -122,6 +122,20 @@ class TrainingSamples:
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return (self.profile[index], self.history[index].long(), self.state[index], self.target[index])
 
+    def history_lengths(self) -> torch.Tensor:
+        """Items in each sample's history, capped at the encoder's max_history."""
+        return (self.history > 0).sum(dim=1)
+
+
+def history_balance_weights(samples: TrainingSamples, balance: float) -> torch.Tensor:
+    """Per-sample loss weights (mean 1): (share of samples with the same capped history length) ^
+    -balance. Prefix samples are mostly long histories, so without it the first few actions, where
+    a new user is judged, are a few percent of the loss."""
+    lengths = samples.history_lengths()
+    counts = torch.bincount(lengths).double()
+    weights = (counts[lengths] / len(lengths)).pow(-balance)
+    return (weights / weights.mean()).float()
+
 
 def build_training_samples(
     data_users: pd.DataFrame,

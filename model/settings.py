@@ -50,6 +50,30 @@ class ModelConfig(BaseModel):
     use_dkd: bool = False
     dkd_alpha: float = Field(0.05, ge=0.0)
     initial_scale: float = Field(10.0, gt=0.0, description="starting value of the learnable cosine scale")
+    # The warm expert's reading of the history (model/nn/experts.py); README "Model and training choices".
+    warm_pooling: Literal["mean", "attention"] = Field(
+        "mean",
+        description="mean: mean + learnt recency-weighted mean of the history; attention: mean + the "
+        "newest position's output of causal self-attention blocks over the history",
+    )
+    warm_attention_blocks: int = Field(1, ge=1, description="self-attention blocks of warm_pooling=attention")
+    warm_attention_dropout: float = Field(
+        0.2, ge=0.0, lt=1.0, description="dropout of warm_pooling=attention while training"
+    )
+    warm_item_inputs: Literal["own", "item_tower"] = Field(
+        "own",
+        description="own: history items have their own id + genre embedding; item_tower: they are the "
+        "item tower's vectors (shared with the targets, as in SASRec)",
+    )
+    expert_state_input: bool = Field(
+        False,
+        description="the experts also read the state features (count, days since first and last action), "
+        "not only the gate: what a user in their first session picks differs from what the same "
+        "profile picks later, and the additive biases cannot say so",
+    )
+    dkd_scope: Literal["all", "cold_start"] = Field(
+        "all", description="samples DKD may distil: every sample, or only those with a cold-start history"
+    )
     # The SASRec baseline's transformer (model/baselines/sasrec.py); Kang & McAuley's ML-1M settings.
     sasrec_blocks: int = Field(2, ge=1, description="causal self-attention blocks of the SASRec baseline")
     sasrec_heads: int = Field(1, ge=1, description="attention heads; must divide embedding_dim")
@@ -94,6 +118,14 @@ class TrainConfig(BaseModel):
         "of one of the data's own session-start gaps",
     )
     max_gap_days: float = Field(3650.0, gt=0, description="longest gap a moved sample is given")
+    history_balance: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="each sample's loss is weighted by (share of samples with its history length, capped "
+        "at max_history) ^ -history_balance, normalised to mean 1: 0 weighs every sample alike, 1 gives "
+        "every history length the same total weight (short histories are rare among prefix samples)",
+    )
     seed: int = 0
     torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
 

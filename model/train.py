@@ -14,14 +14,14 @@ from tqdm.auto import tqdm
 from model.data.schema import InteractionData
 from model.data.split import UserSplit
 from model.distillation import distillation_loss
-from model.evaluation.protocol import EvalPoint, build_eval_points, evaluate, groups_of
+from model.evaluation.protocol import WARM_UP_FROM, EvalPoint, build_eval_points, evaluate, groups_of
 from model.features import FeatureEncoder
 from model.losses import Candidates, bce_candidates, per_sample_loss, softmax_candidates
 from model.mutual_info import BiasFeatureSelection, select_bias_features
 from model.nn.cold_warm_net import USER_BIAS_CANDIDATES, ColdWarmNet, item_bias_candidate_names
 from model.nn.two_tower import TwoTowerNet
 from model.ranker import ModelRanker
-from model.samples import TrainingSamples, UserSequences, build_training_samples
+from model.samples import TrainingSamples, UserSequences, build_training_samples, history_balance_weights
 from model.settings import ModelConfig, TrainConfig
 from model.user_groups import cluster_group_embeddings, embed_rows, most_active_rows
 
@@ -115,16 +115,25 @@ def candidate_logits(
     return scale * (e_user @ e_items.t()) + b_user.unsqueeze(1) + b_items.unsqueeze(0)
 
 
+def distillable(history: torch.Tensor, model_config: ModelConfig) -> torch.Tensor | None:
+    """The samples DKD may distil (None: all of them)."""
+    if model_config.dkd_scope == "cold_start":
+        return (history > 0).sum(dim=1) < WARM_UP_FROM
+    return None
+
+
 def training_step(
     net: TwoTowerNet,
     batch: tuple[torch.Tensor, ...],
     config: TrainConfig,
+    model_config: ModelConfig,
     use_dkd: bool,
-    alpha: float,
     item_log_q: torch.Tensor,
     generator: torch.Generator,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """Loss of one batch: L + alpha * L_d; also the fraction of samples that were distilled."""
+    """Loss of one batch: L + alpha * L_d, each sample's L weighted by ``weights`` when given; also the
+    fraction of samples that were distilled."""
     profile, history, state, targets = batch
     if use_dkd:
         e_u, b_u, _, e_cold, e_warm = net.user_tower.experts(profile, history, state)
@@ -137,7 +146,7 @@ def training_step(
         b_i = b_i.view(candidates.positions.shape)
     scale = net.scale
     losses = per_sample_loss(candidate_logits(e_u, b_u, e_i, b_i, scale, per_sample), candidates)
-    loss = losses.mean()
+    loss = (losses * weights).mean() if weights is not None else losses.mean()
     distilled = 0.0
     if use_dkd:
         # Only the cold expert learns from the distillation: items, biases and the scale are fixed
@@ -148,6 +157,11 @@ def training_step(
             warm_logits = candidate_logits(e_warm, b_u, fixed_items, fixed_bias, fixed_scale, per_sample)
             cold_loss = per_sample_loss(cold_logits, candidates)
             warm_loss = per_sample_loss(warm_logits, candidates)
+            scope = distillable(history, model_config)
+            if scope is not None:
+                # Outside the scope the warm loss is made the larger one: no sample there is distilled.
+                warm_loss = torch.where(scope, warm_loss, cold_loss + 1.0)
+        alpha = model_config.dkd_alpha
         loss = loss + alpha * distillation_loss(cold_logits, warm_logits, cold_loss, warm_loss)
         distilled = float((cold_loss > warm_loss).float().mean())
     return loss, distilled
@@ -173,6 +187,9 @@ def run_epochs(
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     item_log_q = item_log_frequencies(context.samples, net.n_items)
     use_dkd = model_config.use_dkd and model_config.use_cold_expert and model_config.use_warm_expert
+    weights = (
+        history_balance_weights(context.samples, config.history_balance) if config.history_balance else None
+    )
     history: list[dict[str, float]] = []
     best_score, best_state, stale = -1.0, copy.deepcopy(net.state_dict()), 0
     for epoch in range(1, epochs + 1):
@@ -184,9 +201,17 @@ def run_epochs(
         )
         total, distilled_total, steps = 0.0, 0.0, 0
         for start in bar:
-            batch = context.samples.batch(order[start : start + config.batch_size])
+            index = order[start : start + config.batch_size]
+            batch_weights = weights[index] if weights is not None else None
             loss, distilled = training_step(
-                net, batch, config, use_dkd, model_config.dkd_alpha, item_log_q, generator
+                net,
+                context.samples.batch(index),
+                config,
+                model_config,
+                use_dkd,
+                item_log_q,
+                generator,
+                batch_weights,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

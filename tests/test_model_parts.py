@@ -393,7 +393,8 @@ def distillation_gradients(world, alpha: float) -> dict[str, torch.Tensor]:
     batch = samples.batch(torch.arange(64))
     config = TrainConfig(shared_negatives=32)
     log_q = item_log_frequencies(samples, net.n_items)
-    loss, _ = training_step(net, batch, config, True, alpha, log_q, torch.Generator().manual_seed(1))
+    model_config = SMALL.model_copy(update={"dkd_alpha": alpha})
+    loss, _ = training_step(net, batch, config, model_config, True, log_q, torch.Generator().manual_seed(1))
     loss.backward()
     return {
         name: p.grad.clone() if p.grad is not None else torch.zeros_like(p)

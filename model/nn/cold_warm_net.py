@@ -11,10 +11,10 @@ from torch.nn import functional as F
 
 from model.features import PROFILE_COLUMNS, STATE_COLUMNS, FeatureEncoder
 from model.nn.bias_net import SideBias
-from model.nn.experts import ActionPooling, ColdExpert, WarmExpert
+from model.nn.experts import ActionPooling, AttentionPooling, ColdExpert, WarmExpert
 from model.nn.gate import StateGate
 from model.nn.group_attention import GroupAttention
-from model.nn.items import ItemInputEmbedding, ItemSideInputs, item_tower_for
+from model.nn.items import ItemInputEmbedding, ItemSideInputs, ItemTower, TowerItemInputs, item_tower_for
 from model.nn.layers import CategoricalEmbeddings
 from model.nn.two_tower import TwoTowerNet
 from model.settings import ModelConfig
@@ -34,6 +34,28 @@ def item_bias_candidate_matrix(items: ItemSideInputs) -> torch.Tensor:
     return torch.cat([base, flags], dim=1)
 
 
+def history_item_inputs(
+    encoder: FeatureEncoder, items: ItemSideInputs, config: ModelConfig, item_tower: ItemTower
+) -> nn.Module:
+    """How the warm expert embeds history items: their own embedding, or the item tower's vectors."""
+    if config.warm_item_inputs == "item_tower":
+        return TowerItemInputs(item_tower)
+    return ItemInputEmbedding(items, config.embedding_dim, len(encoder.vocabularies["item_id"]))
+
+
+def action_pooling(max_history: int, config: ModelConfig) -> nn.Module:
+    """(B, L, d) history embeddings → (B, 2d) action features, as ``config.warm_pooling`` says."""
+    if config.warm_pooling == "attention":
+        return AttentionPooling(
+            config.embedding_dim,
+            config.hidden_dim,
+            max_history,
+            config.warm_attention_blocks,
+            config.warm_attention_dropout,
+        )
+    return ActionPooling(max_history)
+
+
 class UserTower(nn.Module):
     """(profile, history, state) → (normalised e_u, b_u, gate weights); what the service runs."""
 
@@ -43,17 +65,21 @@ class UserTower(nn.Module):
         items: ItemSideInputs,
         config: ModelConfig,
         user_bias_columns: list[int],
+        item_tower: ItemTower,
     ) -> None:
         super().__init__()
         dim, hidden, feature = config.embedding_dim, config.hidden_dim, config.feature_dim
         self.profile = CategoricalEmbeddings(encoder.profile_cardinalities(), feature)
-        self.item_inputs = ItemInputEmbedding(items, dim, len(encoder.vocabularies["item_id"]))
-        self.pooling = ActionPooling(encoder.config.max_history)
+        # With expert_state_input the experts read the state beside the profile; a table set without
+        # columns (out_dim 0) otherwise, so the exported tower has one shape of code either way.
+        state_columns = encoder.state_cardinalities() if config.expert_state_input else ()
+        self.expert_state = CategoricalEmbeddings(state_columns, feature)
+        user_dim = self.profile.out_dim + self.expert_state.out_dim
+        self.item_inputs = history_item_inputs(encoder, items, config, item_tower)
+        self.pooling = action_pooling(encoder.config.max_history, config)
         self.attention = GroupAttention(config.n_user_groups, dim)
-        self.cold = ColdExpert(self.profile.out_dim, dim, hidden, self.attention, config.use_group_attention)
-        self.warm = WarmExpert(
-            self.profile.out_dim, 2 * dim, dim, hidden, self.attention, config.use_group_attention
-        )
+        self.cold = ColdExpert(user_dim, dim, hidden, self.attention, config.use_group_attention)
+        self.warm = WarmExpert(user_dim, 2 * dim, dim, hidden, self.attention, config.use_group_attention)
         self.gate = StateGate(
             encoder.state_cardinalities(), feature, hidden, config.use_cold_expert, config.use_warm_expert
         )
@@ -68,6 +94,8 @@ class UserTower(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """e_u, b_u, gate, and each expert's own normalised embedding (for distillation)."""
         profile_features = self.profile(profile)
+        if self.expert_state.out_dim > 0:
+            profile_features = torch.cat([profile_features, self.expert_state(state)], dim=1)
         e_cold = self.cold(profile_features)
         e_warm = self.warm(profile_features, self.pooling(self.item_inputs(history), history))
         gate = self.gate(state)
@@ -120,5 +148,5 @@ class ColdWarmNet(TwoTowerNet):
         self.config = config
         self.user_bias_columns = list(user_bias_columns or [])
         self.item_bias_columns = list(item_bias_columns or [])
-        self.user_tower = UserTower(encoder, items, config, self.user_bias_columns)
         self.item_scorer = ItemScorer(encoder, items, config, self.item_bias_columns)
+        self.user_tower = UserTower(encoder, items, config, self.user_bias_columns, self.item_scorer.tower)

@@ -7,11 +7,20 @@ With group attention switched off the attention part is zeros, keeping the shape
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from model.nn.group_attention import GroupAttention
 from model.nn.layers import mlp
+from model.nn.sequence import TransformerBlock, blocked_pairs, oldest_first
+
+
+def masked_mean(embedded: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """Mean of the (B, L, d) history embeddings over the present entries (zeros for an empty history)."""
+    mask = (history > 0).to(embedded.dtype).unsqueeze(-1)
+    return (embedded * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
 class ActionPooling(nn.Module):
@@ -23,13 +32,42 @@ class ActionPooling(nn.Module):
 
     def forward(self, embedded: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         present = history > 0
-        mask = present.to(embedded.dtype).unsqueeze(-1)
-        mean = (embedded * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        mean = masked_mean(embedded, history)
         logits = self.position_logits[: history.shape[1]].unsqueeze(0).expand(history.shape[0], -1)
         logits = logits.masked_fill(~present, -1e9)
         weights = torch.softmax(logits, dim=1) * present.to(embedded.dtype)
         recent = (weights.unsqueeze(-1) * embedded).sum(dim=1)
         return torch.cat([mean, recent], dim=1)
+
+
+class AttentionPooling(nn.Module):
+    """Mean of the history embeddings plus the newest position's output of causal self-attention blocks
+    over the history (oldest → newest, learnt positions counted from the newest): what the user did
+    last, read in the light of what came before, as SASRec reads a sequence."""
+
+    def __init__(self, dim: int, hidden_dim: int, max_history: int, n_blocks: int, dropout: float) -> None:
+        super().__init__()
+        self.positions = nn.Parameter(torch.randn(max_history, dim) * 0.05)
+        self.input_scale = math.sqrt(dim)
+        self.input_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList([TransformerBlock(dim, hidden_dim, 1, dropout) for _ in range(n_blocks)])
+        self.final_norm = nn.LayerNorm(dim)
+
+    def forward(self, embedded: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        sequence = oldest_first(history)
+        length = sequence.shape[1]
+        valid = sequence > 0
+        keep = valid.unsqueeze(-1).to(embedded.dtype)
+        inputs = embedded.flip(1)[:, embedded.shape[1] - length :] * self.input_scale
+        x = self.input_dropout(inputs + self.positions[-length:].unsqueeze(0)) * keep
+        blocked = blocked_pairs(valid)
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            x = block(x, blocked, index == last)
+            if index < last:
+                x = x * keep
+        newest = self.final_norm(x[:, -1]) * keep[:, -1]
+        return torch.cat([masked_mean(embedded, history), newest], dim=1)
 
 
 class ColdExpert(nn.Module):

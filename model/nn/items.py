@@ -43,6 +43,20 @@ class ItemInputEmbedding(nn.Module):
         return embedded * (history > 0).unsqueeze(-1).to(embedded.dtype)
 
 
+class TowerItemInputs(nn.Module):
+    """History entries (catalog position + 1, 0 = padding) embedded by the item tower itself, so the
+    history and the targets share one item representation (as in SASRec)."""
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, history: torch.Tensor) -> torch.Tensor:
+        position = (history - 1).clamp(min=0)
+        embedded = self.tower(position.reshape(-1)).view(history.shape[0], history.shape[1], -1)
+        return embedded * (history > 0).unsqueeze(-1).to(embedded.dtype)
+
+
 class ItemTower(nn.Module):
     """e_i from item id, genres, year and popularity bucket, for every catalog position."""
 
