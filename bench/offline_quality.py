@@ -4,7 +4,9 @@ Run: python bench/offline_quality.py [--data-dir ../shared/data/ml-1m-first2999]
 Writes bench/results/offline_quality.json and bench/results/offline_quality/ (report.md, plots).
 Every trained model is trained --seeds times (seeds COLDWARM_TRAIN__SEED + 0 .. N-1): figures are means
 over seeds with their std; Cold & Warm Net is compared with the best baseline of each group by a paired
-bootstrap over test users. Deterministic baselines run once.
+bootstrap over test users. Deterministic baselines run once. Every trained run is stored under
+COLDWARM_CACHE_DIR/runs; --reuse sasrec,... takes those models' stored runs (same data, same settings)
+instead of training them again, and the report lists each reused run with its date and commit.
 Needs the shared data (or any MovieLens directory), so it is a benchmark, not a test.
 """
 
@@ -19,7 +21,8 @@ from pathlib import Path
 from model.cli import build_context, setup_logging
 from model.data.movielens import load_movielens
 from model.evaluation.report import markdown_table, seeds_section, write_report
-from model.experiments import ALL_MODELS, check_model_names, run_experiments
+from model.evaluation.run_store import RunStore
+from model.experiments import ALL_MODELS, RunReuse, check_model_names, run_experiments
 from model.settings import Settings
 from model.train import set_torch_threads
 
@@ -36,6 +39,10 @@ def positive_int(text: str) -> int:
     return value
 
 
+def reused(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
@@ -43,6 +50,12 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument(
         "--seeds", type=positive_int, default=3, help="training seeds per trained model (default 3)"
+    )
+    parser.add_argument(
+        "--reuse",
+        default="",
+        help="comma-separated trained models whose runs stored by an earlier run with the same data and "
+        "settings stand in for training (listed in the report with their commit); every run is stored",
     )
     args = parser.parse_args()
     setup_logging()
@@ -52,7 +65,8 @@ def main() -> None:
     models = check_model_names(list(ALL_MODELS) if args.models == "all" else args.models.split(","))
     data = load_movielens(args.data_dir)
     context = build_context(data, settings)
-    outcome = run_experiments(context, settings, models, seeds=args.seeds)
+    reuse = RunReuse(RunStore(settings.cache_dir / "runs"), frozenset(check_model_names(reused(args.reuse))))
+    outcome = run_experiments(context, settings, models, seeds=args.seeds, reuse=reuse)
     wall = round(time.perf_counter() - started, 1)
     details = {
         **outcome.details,

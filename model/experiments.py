@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.artifacts import data_fingerprint
 from model.baselines.ease import tune_lambda
 from model.baselines.popular import MostPopular, SegmentPopular
 from model.baselines.sasrec import SASRec
@@ -22,6 +23,7 @@ from model.baselines.two_tower import DSSM, YouTubeDNN
 from model.evaluation.bootstrap import Significance, compare_with_best_baselines
 from model.evaluation.protocol import EvalPoint, EvaluationResult, Ranker, build_eval_points, evaluate
 from model.evaluation.report import HEADLINE_METRICS
+from model.evaluation.run_store import RunStore, run_key
 from model.evaluation.seeds import SeedSpread, mean_over_seeds, spread_over_seeds
 from model.nn.two_tower import TwoTowerNet
 from model.ranker import ModelRanker
@@ -47,6 +49,19 @@ LEARNT_BASELINES: dict[str, tuple[Callable[..., TwoTowerNet], str]] = {
     "sasrec": (SASRec, "sampled_softmax"),
 }
 ALL_MODELS: tuple[str, ...] = (PRIMARY_MODEL, *ABLATIONS, *HEURISTIC_BASELINES, *LEARNT_BASELINES)
+# The ModelConfig fields the learnt baselines read (their shape). A baseline's stored run is keyed by
+# these alone, so it stays valid when Cold & Warm Net's own switches change.
+BASELINE_MODEL_FIELDS: frozenset[str] = frozenset(
+    {
+        "embedding_dim",
+        "hidden_dim",
+        "feature_dim",
+        "initial_scale",
+        "sasrec_blocks",
+        "sasrec_heads",
+        "sasrec_dropout",
+    }
+)
 
 
 @dataclass
@@ -96,6 +111,19 @@ def heuristic_ranker(
     return tuning.model
 
 
+def effective_configs(
+    name: str, model_config: ModelConfig, train_config: TrainConfig
+) -> tuple[ModelConfig, TrainConfig]:
+    """The configurations ``name`` is trained with: an ablation's switches flipped, a learnt baseline
+    with its own loss and without distillation."""
+    if name in LEARNT_BASELINES:
+        _, loss = LEARNT_BASELINES[name]
+        return model_config.model_copy(update={"use_dkd": False}), train_config.model_copy(
+            update={"loss": loss}
+        )
+    return model_config.model_copy(update=ABLATIONS.get(name, {})), train_config
+
+
 def train_variant(
     name: str,
     context: TrainingContext,
@@ -104,16 +132,13 @@ def train_variant(
     groups: torch.Tensor | None,
     progress: bool,
 ) -> TrainedModel:
+    model_config, train_config = effective_configs(name, model_config, train_config)
     if name in LEARNT_BASELINES:
-        factory, loss = LEARNT_BASELINES[name]
-        baseline_config = model_config.model_copy(update={"use_dkd": False})
+        factory, _ = LEARNT_BASELINES[name]
         torch.manual_seed(train_config.seed)
-        net = factory(context.encoder, baseline_config)
-        return fit_two_tower(
-            context, net, baseline_config, train_config.model_copy(update={"loss": loss}), name, progress
-        )
-    variant = model_config.model_copy(update=ABLATIONS.get(name, {}))
-    return fit_cold_warm_net(context, variant, train_config, name, progress, group_embeddings=groups)
+        net = factory(context.encoder, model_config)
+        return fit_two_tower(context, net, model_config, train_config, name, progress)
+    return fit_cold_warm_net(context, model_config, train_config, name, progress, group_embeddings=groups)
 
 
 def uses_user_groups(name: str, model_config: ModelConfig) -> bool:
@@ -156,6 +181,50 @@ def log_result(name: str, result: EvaluationResult, label: str, seconds: float) 
     )
 
 
+@dataclass(frozen=True)
+class RunReuse:
+    """Where per-seed runs are kept, and the models whose stored runs may stand in for training."""
+
+    store: RunStore
+    models: frozenset[str] = frozenset()
+
+
+def stored_run_key(name: str, context: TrainingContext, settings: Settings, config: TrainConfig) -> str:
+    data = context.data
+    identity = {
+        "name": data.name,
+        "interactions": data_fingerprint(data),
+        "users": len(data.users),
+        "items": len(data.items),
+    }
+    model_config, train_config = effective_configs(name, settings.model, config)
+    read = BASELINE_MODEL_FIELDS if name in LEARNT_BASELINES else None
+    configs = {
+        "features": settings.features.model_dump(mode="json"),
+        "model": model_config.model_dump(mode="json", include=read),
+        "train": train_config.model_dump(mode="json", exclude={"torch_threads"}),
+    }
+    return run_key(name, identity, configs)
+
+
+def reused_run(
+    name: str, key: str, reuse: RunReuse | None, outcome: ExperimentOutcome
+) -> EvaluationResult | None:
+    """The stored run of ``name`` under ``key`` when reuse of ``name`` was asked for and one is stored;
+    the report's details then say which run stood in."""
+    if reuse is None or name not in reuse.models:
+        return None
+    stored = reuse.store.load(name, key)
+    if stored is None:
+        log.info("%s: no stored run for key %s; training", name, key)
+        return None
+    created = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(stored.info.get("created", 0)))
+    record = {k: stored.info.get(k) for k in ("seed", "commit", "epochs", "seconds")} | {"created": created}
+    outcome.details.setdefault("reused_runs", {}).setdefault(name, []).append(record)
+    log.info("%s seed %s: stored run from %s (commit %s)", name, record["seed"], created, record["commit"])
+    return stored.result
+
+
 def trained_runs(
     name: str,
     context: TrainingContext,
@@ -165,14 +234,21 @@ def trained_runs(
     groups_by_seed: dict[int, torch.Tensor],
     points: list[EvalPoint],
     progress: bool,
+    reuse: RunReuse | None = None,
 ) -> list[EvaluationResult]:
     """One evaluation per seed of a trained model. The first seed's model comes from
     ``outcome.trained`` when given there and is kept there; later seeds' nets are dropped once
-    evaluated (only their figures and training times are kept)."""
+    evaluated (only their figures and training times are kept). With ``reuse``, every run is stored,
+    and a stored run stands in for training the models ``reuse`` names."""
     catalog = context.data.catalog_item_ids()
     runs: list[EvaluationResult] = []
     for index, config in enumerate(configs):
         started = time.perf_counter()
+        key = stored_run_key(name, context, settings, config)
+        stored = reused_run(name, key, reuse, outcome) if name not in outcome.trained else None
+        if stored is not None:
+            runs.append(stored)
+            continue
         model = outcome.trained.get(name) if index == 0 else None
         if model is None:
             model = train_seed(name, context, settings, config, groups_by_seed, progress)
@@ -180,6 +256,9 @@ def trained_runs(
             outcome.trained[name] = model
         ranker = ModelRanker(name, model.net, context.encoder, context.data.users, catalog)
         runs.append(evaluate(ranker, points, catalog, progress=progress))
+        if reuse is not None:
+            info = {"seed": config.seed, "epochs": len(model.epochs), "seconds": round(model.seconds, 1)}
+            reuse.store.save(key, runs[-1], info)
         if len(configs) > 1:
             outcome.details.setdefault("seed_training", {}).setdefault(name, []).append(
                 {"seed": config.seed, "epochs": len(model.epochs), "seconds": round(model.seconds, 1)}
@@ -197,12 +276,14 @@ def run_experiments(
     trained: dict[str, TrainedModel] | None = None,
     test_points: list[EvalPoint] | None = None,
     seeds: int = 1,
+    reuse: RunReuse | None = None,
 ) -> ExperimentOutcome:
     """Trains (unless given in ``trained``) and evaluates ``models`` on the test users.
 
     Every trained model is trained ``seeds`` times, with seeds ``settings.train.seed + i``; ``trained``
     holds first-seed models. Deterministic baselines run once. Each model's result is the mean over its
-    seeds; the primary model is then compared with the best baseline of each group.
+    seeds; the primary model is then compared with the best baseline of each group. ``reuse``: see
+    ``trained_runs``.
     """
     models = check_model_names(models)
     configs = seed_configs(settings.train, seeds)
@@ -221,7 +302,9 @@ def run_experiments(
             ranker = heuristic_ranker(name, context, catalog, outcome.details)
             runs = [evaluate(ranker, points, catalog, progress=progress)]
         else:
-            runs = trained_runs(name, context, settings, configs, outcome, groups_by_seed, points, progress)
+            runs = trained_runs(
+                name, context, settings, configs, outcome, groups_by_seed, points, progress, reuse
+            )
         outcome.seed_results[name] = runs
         outcome.results[name] = mean_over_seeds(runs)
         outcome.spread[name] = spread_over_seeds(runs)

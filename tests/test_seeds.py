@@ -14,8 +14,9 @@ from model import experiments
 from model.data.split import split_users
 from model.data.synthetic import generate_synthetic
 from model.evaluation.protocol import EvalPoint, EvaluationResult, catalog_indices, summarise
+from model.evaluation.run_store import RunStore
 from model.evaluation.seeds import mean_over_seeds, spread_over_seeds
-from model.experiments import LEARNT_BASELINES, run_experiments
+from model.experiments import LEARNT_BASELINES, RunReuse, run_experiments
 from model.features import FeatureEncoder
 from model.settings import ModelConfig, Settings, TrainConfig
 from model.train import TrainingContext
@@ -155,3 +156,60 @@ def test_run_experiments_trains_every_learnt_model_once_per_seed(monkeypatch: py
     assert {c["recall@50"].baseline for c in outcome.significance.comparisons.values()} == {"fake_learnt"}
     assert outcome.details["seeds"] == [5, 6, 7]
     assert [r["seed"] for r in outcome.details["seed_training"]["dssm"]] == [5, 6, 7]
+
+
+# ----- stored runs standing in for training ------------------------------------------------------------
+
+
+def test_stored_runs_stand_in_only_for_the_models_asked_and_only_under_the_same_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    data = generate_synthetic(n_users=200)
+    split = split_users(data)
+    settings = Settings(train=TrainConfig(seed=3))
+    context = TrainingContext.build(data, split, FeatureEncoder.fit(data, split.train, settings.features))
+    trainings: list[tuple[str, int]] = []
+
+    def train_variant(name, context, model_config, train_config, groups, progress) -> SimpleNamespace:
+        trainings.append((name, train_config.seed))
+        return fake_model(name, train_config.seed)
+
+    monkeypatch.setattr(experiments, "train_variant", train_variant)
+    monkeypatch.setattr(experiments, "fit_user_groups", lambda *args: torch.zeros(1))
+    monkeypatch.setattr(experiments, "ModelRanker", FakeRanker)
+    store = RunStore(tmp_path / "runs")
+    models = ["dssm", "youtube_dnn"]
+    first = run_experiments(context, settings, models, progress=False, seeds=2, reuse=RunReuse(store))
+    assert sorted(trainings) == [("dssm", 3), ("dssm", 4), ("youtube_dnn", 3), ("youtube_dnn", 4)]
+    assert "reused_runs" not in first.details
+
+    trainings.clear()
+    again = run_experiments(
+        context, settings, models, progress=False, seeds=2, reuse=RunReuse(store, frozenset({"dssm"}))
+    )
+    assert sorted(trainings) == [("youtube_dnn", 3), ("youtube_dnn", 4)]  # dssm's stored runs stood in
+    np.testing.assert_array_equal(
+        again.results["dssm"].per_point["recall@50"], first.results["dssm"].per_point["recall@50"]
+    )
+    assert again.results["dssm"].groups == first.results["dssm"].groups
+    assert [r["seed"] for r in again.details["reused_runs"]["dssm"]] == [3, 4]
+    assert again.details["reused_runs"]["dssm"][0]["commit"]
+
+    trainings.clear()
+    other = settings.model_copy(update={"train": settings.train.model_copy(update={"learning_rate": 0.01})})
+    run_experiments(
+        context, other, ["dssm"], progress=False, seeds=1, reuse=RunReuse(store, frozenset({"dssm"}))
+    )
+    assert trainings == [("dssm", 3)]  # other settings: nothing stored under them, so it trains
+
+    trainings.clear()
+    own_switch = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"warm_pooling": "attention"})}
+    )
+    wider = settings.model_copy(update={"model": settings.model.model_copy(update={"embedding_dim": 32})})
+    for changed in (own_switch, wider):
+        run_experiments(
+            context, changed, ["dssm"], progress=False, seeds=1, reuse=RunReuse(store, frozenset({"dssm"}))
+        )
+    # A switch of Cold & Warm Net's own leaves the baseline's run valid; the baseline's own shape does not.
+    assert trainings == [("dssm", 3)]
