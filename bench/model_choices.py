@@ -1,0 +1,140 @@
+"""Cold & Warm Net's model and training choices, each variant measured on the validation users.
+
+Every variant is Cold & Warm Net with some ModelConfig / TrainConfig fields changed, trained on the
+train users of MovieLens-1M (users 1–2,999) with one seed (COLDWARM_TRAIN__SEED, default 0) and
+evaluated on the validation points by the protocol's own code: Recall@50 / NDCG@50 per group and
+the gate's mean cold weight. The test users are not touched: choices are made here, and the test
+figures (bench/offline_quality.py) are reported once, for what was chosen.
+
+Run: python bench/model_choices.py [--data-dir ../shared/data/ml-1m-first2999] [--variants a,b|all]
+Writes bench/results/model_choices.json and .md; a run with --variants keeps the other variants' rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.cli import build_context, setup_logging
+from model.data.loading import load_dataset
+from model.evaluation.protocol import evaluate, gate_cold_means
+from model.ranker import ModelRanker, encode_points
+from model.settings import Settings
+from model.train import TrainingContext, fit_cold_warm_net, set_torch_threads
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-1m-first2999"
+RESULTS = ROOT / "bench" / "results"
+GROUPS: tuple[str, ...] = ("cold_start", "warm_up", "active", "all")
+log = logging.getLogger("bench")
+
+# name -> (model overrides, train overrides), against the settings the run starts from.
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "default": ({}, {}),
+    "experts read the state": ({"expert_state_input": True}, {}),
+    "history balance 0.5": ({}, {"history_balance": 0.5}),
+    "warm: attention pooling": ({"warm_pooling": "attention"}, {}),
+    "warm: item-tower inputs": ({"warm_item_inputs": "item_tower"}, {}),
+    "state + history balance 0.5": ({"expert_state_input": True}, {"history_balance": 0.5}),
+    "history balance 1.0": ({}, {"history_balance": 1.0}),
+    "warm: attention + item-tower inputs": (
+        {"warm_pooling": "attention", "warm_item_inputs": "item_tower"},
+        {},
+    ),
+    "DKD on cold-start samples": ({"use_dkd": True, "dkd_scope": "cold_start"}, {}),
+    "early stopping on all users' NDCG@50": ({}, {"validation_group": "all", "validation_metric": "ndcg@50"}),
+}
+
+
+def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str, Any]:
+    model_override, train_override = VARIANTS[name]
+    model_config = settings.model.model_copy(update=model_override)
+    train_config = settings.train.model_copy(update=train_override)
+    trained = fit_cold_warm_net(context, model_config, train_config, "cold_warm_net", progress=False)
+    data, points = context.data, context.validation_points
+    catalog = data.catalog_item_ids()
+    ranker = ModelRanker(name, trained.net, context.encoder, data.users, catalog)
+    result = evaluate(ranker, points, catalog, progress=False)
+    encoded = encode_points(points, data.users, context.encoder)
+    with torch.no_grad():
+        _, _, gate = trained.net.user_tower(
+            torch.as_tensor(encoded.profile), torch.as_tensor(encoded.history), torch.as_tensor(encoded.state)
+        )
+    best = max(trained.epochs, key=lambda e: e.get("validation", 0.0))
+    row = {
+        "model": model_override,
+        "train": train_override,
+        "groups": {
+            g: {m: round(result.groups[g][m], 4) for m in ("recall@50", "ndcg@50", "ndcg@10")} for g in GROUPS
+        },
+        "curve": {str(h): round(ms["recall@50"], 4) for h, ms in result.curve.items()},
+        "gate_cold_mean": {g: round(v, 4) for g, v in gate_cold_means(points, gate.numpy()).items()},
+        "epochs": len(trained.epochs),
+        "best_epoch": int(best["epoch"]),
+        "seconds": round(trained.seconds, 1),
+    }
+    log.info("%s: %s", name, json.dumps(row["groups"]))
+    return row
+
+
+def markdown(rows: dict[str, dict[str, Any]], dataset: str, seed: int) -> str:
+    lines = [
+        f"Validation users of {dataset}, training seed {seed}; Recall@50 / NDCG@50 per group, "
+        "the gate's mean cold weight (cold_start / warm_up / active), epochs run (best), training seconds.",
+        "",
+        "| variant | " + " | ".join(GROUPS) + " | gate cold | epochs | s |",
+        "|---|" + "---|" * (len(GROUPS) + 3),
+    ]
+    for name, row in rows.items():
+        cells = [f"{row['groups'][g]['recall@50']:.4f} / {row['groups'][g]['ndcg@50']:.4f}" for g in GROUPS]
+        gate = " / ".join(f"{row['gate_cold_mean'].get(g, 0.0):.2f}" for g in GROUPS[:3])
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {gate} | {row['epochs']} ({row['best_epoch']}) | "
+            f"{row['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chosen_variants(text: str) -> list[str]:
+    if text == "all":
+        return list(VARIANTS)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--variants", default="all", help="comma-separated names of VARIANTS, or 'all'")
+    parser.add_argument("--out", type=Path, default=RESULTS / "model_choices")
+    args = parser.parse_args()
+    names = chosen_variants(args.variants)
+    setup_logging()
+    settings = Settings()
+    set_torch_threads(settings.train)
+    data = load_dataset(str(args.data_dir))
+    context = build_context(data, settings)
+    json_path = args.out.with_suffix(".json")
+    previous = json.loads(json_path.read_text()) if json_path.exists() else {}
+    rows = {name: row for name, row in previous.get("variants", {}).items() if name in VARIANTS}
+    for name in names:
+        started = time.perf_counter()
+        rows[name] = measure(name, context, settings)
+        log.info("%s measured in %.0fs", name, time.perf_counter() - started)
+        summary = {"dataset": data.name, "seed": settings.train.seed, "variants": rows}
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(rows, data.name, settings.train.seed))
+    print(markdown(rows, data.name, settings.train.seed))
+
+
+if __name__ == "__main__":
+    main()
