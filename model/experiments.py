@@ -114,13 +114,14 @@ def heuristic_ranker(
 def effective_configs(
     name: str, model_config: ModelConfig, train_config: TrainConfig
 ) -> tuple[ModelConfig, TrainConfig]:
-    """The configurations ``name`` is trained with: an ablation's switches flipped, a learnt baseline
-    with its own loss and without distillation."""
+    """The configurations ``name`` is trained with: an ablation's switches flipped; a learnt baseline
+    with its own loss, without distillation, and with every prefix sample weighted alike, as its
+    authors train it (history_balance is Cold & Warm Net's choice: it moves weight to short histories,
+    which would handicap SASRec and YouTubeDNN where they are strongest)."""
     if name in LEARNT_BASELINES:
         _, loss = LEARNT_BASELINES[name]
-        return model_config.model_copy(update={"use_dkd": False}), train_config.model_copy(
-            update={"loss": loss}
-        )
+        train_config = train_config.model_copy(update={"loss": loss, "history_balance": 0.0})
+        return model_config.model_copy(update={"use_dkd": False}), train_config
     return model_config.model_copy(update=ABLATIONS.get(name, {})), train_config
 
 
