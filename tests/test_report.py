@@ -89,6 +89,21 @@ def test_write_report_files(tmp_path: Path, results: dict[str, EvaluationResult]
     assert "## At K = 10" in markdown
 
 
+def test_report_names_the_runs_taken_from_the_run_store(
+    tmp_path: Path, results: dict[str, EvaluationResult]
+) -> None:
+    reused = {"item": [{"seed": s, "created": "2026-12-01 17:00 UTC", "commit": "abc1234"} for s in (0, 1)]}
+    write_report(results, tmp_path, "tiny", {"reused_runs": reused})
+    markdown = (tmp_path / "report.md").read_text()
+    assert (
+        "- item: seed 0 (2026-12-01 17:00 UTC, commit abc1234), seed 1 (2026-12-01 17:00 UTC, commit abc1234)"
+        in markdown
+    )
+    assert markdown.index("not trained here") < markdown.index("## Headline")
+    write_report(results, tmp_path / "fresh", "tiny", {})
+    assert "run store" not in (tmp_path / "fresh" / "report.md").read_text()
+
+
 def test_plots_are_pngs(tmp_path: Path, results: dict[str, EvaluationResult]) -> None:
     for plot, name in ((plot_cold_start_curve, "curve.png"), (plot_group_bars, "bars.png")):
         path = plot(results, tmp_path / name, metric="ndcg@50")

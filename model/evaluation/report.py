@@ -284,6 +284,17 @@ def seeds_section(spread: Spread) -> dict[str, Any]:
     return {"count": seed_count(spread), "runs": {name: s.runs for name, s in spread.items()}}
 
 
+def _reused_runs_part(reused: Mapping[str, Any]) -> list[str]:
+    """One line per model whose stored runs stood in for training: seeds, dates, commits."""
+    if not reused:
+        return []
+    lines = ["Runs taken from the run store (same data and settings, trained earlier), not trained here:\n"]
+    for name, runs in reused.items():
+        made = ", ".join(f"seed {r['seed']} ({r['created']}, commit {r['commit']})" for r in runs)
+        lines.append(f"- {name}: {made}")
+    return ["\n".join(lines) + "\n"]
+
+
 def _signed(value: float) -> str:
     return f"{value:+.4f}"
 
@@ -349,6 +360,7 @@ def _markdown_report(
             f"Trained models: mean ± std (sample std across seeds) over {n_seeds} training seeds; "
             "deterministic baselines run once.\n"
         )
+    parts += _reused_runs_part(extra.get("reused_runs", {}))
     parts += ["## Headline (Recall@50 / NDCG@50)\n", markdown_table(results, HEADLINE_METRICS, spread=spread)]
     if significance is not None:
         parts += _significance_part(significance)
