@@ -52,7 +52,7 @@ class ModelConfig(BaseModel):
     initial_scale: float = Field(10.0, gt=0.0, description="starting value of the learnable cosine scale")
     # The warm expert's reading of the history (model/nn/experts.py); README "Model and training choices".
     warm_pooling: Literal["mean", "attention"] = Field(
-        "mean",
+        "attention",
         description="mean: mean + learnt recency-weighted mean of the history; attention: mean + the "
         "newest position's output of causal self-attention blocks over the history",
     )

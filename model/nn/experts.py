@@ -3,6 +3,11 @@
 Cold expert: e_up = f(profile); e_cold = MLP([e_up ; attention(e_up)]).
 Warm expert: e_ut = f(profile, actions); e_warm = MLP([e_ut ; attention(e_ut)]).
 With group attention switched off the attention part is zeros, keeping the shapes (ablation).
+
+The actions are read by one of two poolings (``ModelConfig.warm_pooling``): ``ActionPooling``, the
+mean and a learnt recency-weighted mean of the history embeddings, or ``AttentionPooling``, the mean
+and the newest position's output of causal self-attention over the history (README "Model and
+training choices" has the measurements that chose between them).
 """
 
 from __future__ import annotations
