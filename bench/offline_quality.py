@@ -57,6 +57,11 @@ def main() -> None:
         help="comma-separated trained models whose runs stored by an earlier run with the same data and "
         "settings stand in for training (listed in the report with their commit); every run is stored",
     )
+    parser.add_argument(
+        "--only-seeds",
+        default="",
+        help="comma-separated seeds: train just these of the --seeds (stored for a later --reuse run)",
+    )
     args = parser.parse_args()
     setup_logging()
     started = time.perf_counter()
@@ -66,7 +71,8 @@ def main() -> None:
     data = load_movielens(args.data_dir)
     context = build_context(data, settings)
     reuse = RunReuse(RunStore(settings.cache_dir / "runs"), frozenset(check_model_names(reused(args.reuse))))
-    outcome = run_experiments(context, settings, models, seeds=args.seeds, reuse=reuse)
+    only_seeds = [int(seed) for seed in reused(args.only_seeds)] or None
+    outcome = run_experiments(context, settings, models, seeds=args.seeds, reuse=reuse, only_seeds=only_seeds)
     wall = round(time.perf_counter() - started, 1)
     details = {
         **outcome.details,

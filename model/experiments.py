@@ -91,6 +91,10 @@ def seed_configs(config: TrainConfig, n_seeds: int) -> list[TrainConfig]:
     return [config.model_copy(update={"seed": config.seed + i}) for i in range(n_seeds)]
 
 
+def outcome_seeds(settings: Settings, seeds: int) -> list[int]:
+    return [config.seed for config in seed_configs(settings.train, seeds)]
+
+
 def check_model_names(models: Sequence[str]) -> list[str]:
     unknown = [m for m in models if m not in ALL_MODELS]
     if unknown:
@@ -278,16 +282,24 @@ def run_experiments(
     test_points: list[EvalPoint] | None = None,
     seeds: int = 1,
     reuse: RunReuse | None = None,
+    only_seeds: Sequence[int] | None = None,
 ) -> ExperimentOutcome:
     """Trains (unless given in ``trained``) and evaluates ``models`` on the test users.
 
     Every trained model is trained ``seeds`` times, with seeds ``settings.train.seed + i``; ``trained``
     holds first-seed models. Deterministic baselines run once. Each model's result is the mean over its
     seeds; the primary model is then compared with the best baseline of each group. ``reuse``: see
-    ``trained_runs``.
+    ``trained_runs``. ``only_seeds``: of those seeds, train just these (their runs go to the run
+    store, for a later run to take with ``reuse``: one process per seed on a machine with spare cores).
     """
     models = check_model_names(models)
     configs = seed_configs(settings.train, seeds)
+    if only_seeds is not None:
+        configs = [config for config in configs if config.seed in set(only_seeds)]
+        if not configs:
+            raise ValueError(
+                f"none of the seeds {list(only_seeds)} is among {outcome_seeds(settings, seeds)}"
+            )
     catalog = context.data.catalog_item_ids()
     points = test_points if test_points is not None else build_eval_points(context.data, context.split.test)
     outcome = ExperimentOutcome(

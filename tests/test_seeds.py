@@ -213,3 +213,17 @@ def test_stored_runs_stand_in_only_for_the_models_asked_and_only_under_the_same_
         )
     # A switch of Cold & Warm Net's own leaves the baseline's run valid; the baseline's own shape does not.
     assert trainings == [("dssm", 3)]
+
+    # One process per seed: --only-seeds trains one of the seeds; a later run takes it from the store.
+    split_store = RunReuse(RunStore(tmp_path / "split"), frozenset({"dssm"}))
+    trainings.clear()
+    alone = run_experiments(
+        context, settings, ["dssm"], progress=False, seeds=2, reuse=split_store, only_seeds=[4]
+    )
+    assert trainings == [("dssm", 4)] and alone.seeds == [4]
+    trainings.clear()
+    joined = run_experiments(context, settings, ["dssm"], progress=False, seeds=2, reuse=split_store)
+    assert trainings == [("dssm", 3)]
+    assert [r["seed"] for r in joined.details["reused_runs"]["dssm"]] == [4]
+    with pytest.raises(ValueError, match="none of the seeds"):
+        run_experiments(context, settings, ["dssm"], progress=False, seeds=2, only_seeds=[9])
