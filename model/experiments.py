@@ -250,7 +250,8 @@ def trained_runs(
     for index, config in enumerate(configs):
         started = time.perf_counter()
         key = stored_run_key(name, context, settings, config)
-        stored = reused_run(name, key, reuse, outcome) if name not in outcome.trained else None
+        given = index == 0 and name in outcome.trained  # a first-seed model handed in is used as is
+        stored = None if given else reused_run(name, key, reuse, outcome)
         if stored is not None:
             runs.append(stored)
             continue
