@@ -33,6 +33,7 @@ from model.data.synthetic import generate_synthetic
 from model.evaluation.protocol import build_eval_points
 from model.export import export_model
 from model.features import EncodedUsers, FeatureEncoder, raw_users_from_histories
+from model.nn.experts import AttentionPooling
 from model.ranker import encode_points
 from model.settings import FeatureConfig, ModelConfig, TrainConfig
 from model.train import TrainedModel, TrainingContext, fit_cold_warm_net
@@ -91,6 +92,7 @@ def test_torchscript_user_tower_matches_the_eager_one(exported: Exported) -> Non
     assert (users.history.sum(axis=1) == 0).sum() >= 2  # h = 0 points and the unknown user
     artifacts = load_artifacts(exported.root)
     net = exported.trained.net.eval()
+    assert isinstance(net.user_tower.pooling, AttentionPooling)  # the default warm expert is exported
     with torch.no_grad():
         eager = net.user_tower(*tensors(users))
         scripted = artifacts.user_tower(*tensors(users))
