@@ -62,6 +62,11 @@ def main() -> None:
         default="",
         help="comma-separated seeds: train just these of the --seeds (stored for a later --reuse run)",
     )
+    parser.add_argument(
+        "--stored-only",
+        action="store_true",
+        help="the --reuse models take the seeds that are stored and train none (the report says how many)",
+    )
     args = parser.parse_args()
     setup_logging()
     started = time.perf_counter()
@@ -70,7 +75,11 @@ def main() -> None:
     models = check_model_names(list(ALL_MODELS) if args.models == "all" else args.models.split(","))
     data = load_movielens(args.data_dir)
     context = build_context(data, settings)
-    reuse = RunReuse(RunStore(settings.cache_dir / "runs"), frozenset(check_model_names(reused(args.reuse))))
+    reuse = RunReuse(
+        RunStore(settings.cache_dir / "runs"),
+        frozenset(check_model_names(reused(args.reuse))),
+        stored_only=args.stored_only,
+    )
     only_seeds = [int(seed) for seed in reused(args.only_seeds)] or None
     outcome = run_experiments(context, settings, models, seeds=args.seeds, reuse=reuse, only_seeds=only_seeds)
     wall = round(time.perf_counter() - started, 1)

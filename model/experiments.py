@@ -192,6 +192,8 @@ class RunReuse:
 
     store: RunStore
     models: frozenset[str] = frozenset()
+    # Take the seeds that are stored and train none: a model then counts as many runs as were stored.
+    stored_only: bool = False
 
 
 def stored_run_key(name: str, context: TrainingContext, settings: Settings, config: TrainConfig) -> str:
@@ -254,6 +256,9 @@ def trained_runs(
         stored = None if given else reused_run(name, key, reuse, outcome)
         if stored is not None:
             runs.append(stored)
+            continue
+        if reuse is not None and reuse.stored_only and name in reuse.models:
+            log.info("%s seed %d: not stored; left out (stored runs only)", name, config.seed)
             continue
         model = outcome.trained.get(name) if index == 0 else None
         if model is None:
@@ -319,6 +324,9 @@ def run_experiments(
             runs = trained_runs(
                 name, context, settings, configs, outcome, groups_by_seed, points, progress, reuse
             )
+        if not runs:
+            log.warning("%s: no stored run; left out of the comparison", name)
+            continue
         outcome.seed_results[name] = runs
         outcome.results[name] = mean_over_seeds(runs)
         outcome.spread[name] = spread_over_seeds(runs)

@@ -227,3 +227,19 @@ def test_stored_runs_stand_in_only_for_the_models_asked_and_only_under_the_same_
     assert [r["seed"] for r in joined.details["reused_runs"]["dssm"]] == [4]
     with pytest.raises(ValueError, match="none of the seeds"):
         run_experiments(context, settings, ["dssm"], progress=False, seeds=2, only_seeds=[9])
+
+    # Stored runs only: the stored seed counts, the missing one is left out, nothing is trained.
+    trainings.clear()
+    only_stored = RunReuse(RunStore(tmp_path / "partial"), frozenset({"dssm"}))
+    run_experiments(context, settings, ["dssm"], progress=False, seeds=2, reuse=only_stored, only_seeds=[3])
+    trainings.clear()
+    partial = run_experiments(
+        context,
+        settings,
+        ["dssm"],
+        progress=False,
+        seeds=2,
+        reuse=RunReuse(only_stored.store, frozenset({"dssm"}), stored_only=True),
+    )
+    assert trainings == [] and len(partial.seed_results["dssm"]) == 1
+    assert partial.spread["dssm"].runs == 1
