@@ -123,8 +123,12 @@ class TrainingSamples:
         return (self.profile[index], self.history[index].long(), self.state[index], self.target[index])
 
     def history_lengths(self) -> torch.Tensor:
-        """Items in each sample's history, capped at the encoder's max_history."""
-        return (self.history > 0).sum(dim=1)
+        return history_lengths(self.history)
+
+
+def history_lengths(history: torch.Tensor) -> torch.Tensor:
+    """Items in each row of encoded histories (0 = padding), capped at the encoder's max_history."""
+    return (history > 0).sum(dim=1)
 
 
 def history_balance_weights(samples: TrainingSamples, balance: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from model.data.schema import InteractionData
 from model.data.split import UserSplit
-from model.distillation import distillation_loss
+from model.distillation import distillation_loss, distillation_mask
 from model.evaluation.protocol import WARM_UP_FROM, EvalPoint, build_eval_points, evaluate, groups_of
 from model.features import FeatureEncoder
 from model.losses import Candidates, bce_candidates, per_sample_loss, softmax_candidates
@@ -21,7 +21,13 @@ from model.mutual_info import BiasFeatureSelection, select_bias_features
 from model.nn.cold_warm_net import USER_BIAS_CANDIDATES, ColdWarmNet, item_bias_candidate_names
 from model.nn.two_tower import TwoTowerNet
 from model.ranker import ModelRanker
-from model.samples import TrainingSamples, UserSequences, build_training_samples, history_balance_weights
+from model.samples import (
+    TrainingSamples,
+    UserSequences,
+    build_training_samples,
+    history_balance_weights,
+    history_lengths,
+)
 from model.settings import ModelConfig, TrainConfig
 from model.user_groups import cluster_group_embeddings, embed_rows, most_active_rows
 
@@ -118,7 +124,7 @@ def candidate_logits(
 def distillable(history: torch.Tensor, model_config: ModelConfig) -> torch.Tensor | None:
     """The samples DKD may distil (None: all of them)."""
     if model_config.dkd_scope == "cold_start":
-        return (history > 0).sum(dim=1) < WARM_UP_FROM
+        return history_lengths(history) < WARM_UP_FROM
     return None
 
 
@@ -157,13 +163,10 @@ def training_step(
             warm_logits = candidate_logits(e_warm, b_u, fixed_items, fixed_bias, fixed_scale, per_sample)
             cold_loss = per_sample_loss(cold_logits, candidates)
             warm_loss = per_sample_loss(warm_logits, candidates)
-            scope = distillable(history, model_config)
-            if scope is not None:
-                # Outside the scope the warm loss is made the larger one: no sample there is distilled.
-                warm_loss = torch.where(scope, warm_loss, cold_loss + 1.0)
-        alpha = model_config.dkd_alpha
-        loss = loss + alpha * distillation_loss(cold_logits, warm_logits, cold_loss, warm_loss)
-        distilled = float((cold_loss > warm_loss).float().mean())
+        scope = distillable(history, model_config)
+        gap = distillation_loss(cold_logits, warm_logits, cold_loss, warm_loss, scope)
+        loss = loss + model_config.dkd_alpha * gap
+        distilled = float(distillation_mask(cold_loss, warm_loss, scope).float().mean())
     return loss, distilled
 
 

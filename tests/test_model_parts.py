@@ -133,6 +133,16 @@ def test_distillation_mask_is_on_exactly_where_cold_loss_exceeds_warm_loss() -> 
     assert distillation_mask(cold, warm).tolist() == [True, False, False, True, False, True]
 
 
+def test_distillation_mask_keeps_to_its_scope() -> None:
+    cold, warm = torch.tensor([2.0, 1.0, 3.0, 5.0]), torch.tensor([1.0, 2.0, 1.0, 1.0])
+    scope = torch.tensor([True, True, False, True])
+    assert distillation_mask(cold, warm, scope).tolist() == [True, False, False, True]
+    logits = torch.tensor([[1.0], [1.0], [1.0], [1.0]])
+    # Only samples 0 and 3 count: gap 1 each, over a batch of 4.
+    loss = distillation_loss(logits, torch.zeros(4, 1), cold, warm, scope)
+    assert float(loss) == pytest.approx(0.5)
+
+
 def test_distillation_loss_is_zero_with_an_empty_mask() -> None:
     cold_logits = torch.randn(4, 5, requires_grad=True)
     warm_logits = torch.randn(4, 5)
