@@ -56,12 +56,13 @@ def user_vectors(net: SASRec, history: torch.Tensor) -> torch.Tensor:
 
 def all_positions(net: SASRec, history: torch.Tensor) -> torch.Tensor:
     """(B, L, d): every position's output, each block run over the whole sequence (no shortcut)."""
-    tower = net.user_tower
+    tower = net.user_tower.encoder
     sequence = history.flip(1)
     valid = sequence > 0
     keep = valid.unsqueeze(-1).float()
     with torch.no_grad():
-        x = (tower.item_inputs(sequence) * tower.input_scale + tower.positions.weight.unsqueeze(0)) * keep
+        inputs = net.user_tower.item_inputs(sequence)
+        x = (inputs * tower.input_scale + tower.positions.weight.unsqueeze(0)) * keep
         for block in tower.blocks:
             x = block(x, blocked_pairs(valid), False) * keep
         return tower.final_norm(x)
@@ -136,7 +137,7 @@ def test_no_user_bias_and_an_all_warm_gate(net: SASRec) -> None:
 
 
 def test_history_items_use_the_output_item_vectors(net: SASRec) -> None:
-    assert net.user_tower.item_inputs.vectors.weight is net.item_scorer.vectors.weight
+    assert net.user_tower.item_inputs.tower.weight is net.item_scorer.vectors.weight
     assert net.scale.item() == pytest.approx(1.0)  # dot product, no learnt scale
 
 
@@ -165,7 +166,7 @@ def test_checkpoint_round_trip_keeps_the_scores(net: SASRec, encoder: FeatureEnc
     loaded = load_checkpoint(save_checkpoint(trained, tmp_path / "sasrec.pt"))
     loaded_net = loaded.net
     assert isinstance(loaded_net, SASRec)
-    assert loaded_net.user_tower.item_inputs.vectors.weight is loaded_net.item_scorer.vectors.weight
+    assert loaded_net.user_tower.item_inputs.tower.weight is loaded_net.item_scorer.vectors.weight
     history = histories([3, 8, 5, 1], [])
     inputs = (torch.zeros(2, 4, dtype=torch.long), history, torch.zeros(2, 3, dtype=torch.long))
     with torch.no_grad():

@@ -35,69 +35,37 @@ SASRec-preprocessed ML-1M (one target, the user's last item, for users seen in t
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from model.baselines.two_tower import OutputItemEmbeddings, fixed_gate
 from model.features import FeatureEncoder
-from model.nn.sequence import TransformerBlock, blocked_pairs, oldest_first
+from model.nn.items import TowerItemInputs
+from model.nn.sequence import SequenceEncoder, oldest_first
 from model.nn.two_tower import TwoTowerNet
 from model.settings import ModelConfig
-
-
-class SharedItemInputs(nn.Module):
-    """History entries (catalog position + 1, 0 = padding) looked up in the output item vectors."""
-
-    def __init__(self, vectors: nn.Embedding) -> None:
-        super().__init__()
-        self.vectors = vectors
-
-    def forward(self, sequence: torch.Tensor) -> torch.Tensor:
-        embedded = self.vectors((sequence - 1).clamp(min=0))
-        return embedded * (sequence > 0).unsqueeze(-1).to(embedded.dtype)
 
 
 class SASRecUserTower(nn.Module):
     def __init__(self, item_vectors: nn.Embedding, max_history: int, config: ModelConfig) -> None:
         super().__init__()
         dim = config.embedding_dim
-        self.item_inputs = SharedItemInputs(item_vectors)
-        # The sequence is left-padded, so the last row always embeds the newest item, the one before it
-        # the second newest, and so on: a position says how recent an item is.
-        self.positions = nn.Embedding(max_history, dim)
-        nn.init.normal_(self.positions.weight, std=0.05)
-        self.input_scale = math.sqrt(dim)
-        self.input_dropout = nn.Dropout(config.sasrec_dropout)
-        self.blocks = nn.ModuleList(
-            [
-                TransformerBlock(dim, config.hidden_dim, config.sasrec_heads, config.sasrec_dropout)
-                for _ in range(config.sasrec_blocks)
-            ]
+        self.item_inputs = TowerItemInputs(item_vectors)
+        self.encoder = SequenceEncoder(
+            dim,
+            config.hidden_dim,
+            max_history,
+            config.sasrec_blocks,
+            config.sasrec_heads,
+            config.sasrec_dropout,
         )
-        self.final_norm = nn.LayerNorm(dim)
         self.empty_sequence = nn.Parameter(torch.randn(dim) * 0.05)
-
-    def encode_sequence(self, sequence: torch.Tensor) -> torch.Tensor:
-        """(B, d): the transformer's output at the newest (last) position of a left-padded sequence."""
-        valid = sequence > 0
-        keep = valid.unsqueeze(-1).to(self.positions.weight.dtype)
-        positions = self.positions.weight[-sequence.shape[1] :].unsqueeze(0)
-        x = self.input_dropout(self.item_inputs(sequence) * self.input_scale + positions) * keep
-        blocked = blocked_pairs(valid)
-        last = len(self.blocks) - 1
-        for index, block in enumerate(self.blocks):
-            x = block(x, blocked, index == last)
-            if index < last:
-                x = x * keep  # padding positions stay zero, as SASRec's timeline mask keeps them
-        return self.final_norm(x[:, -1])
 
     def forward(
         self, profile: torch.Tensor, history: torch.Tensor, state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sequence = oldest_first(history)
-        newest = self.encode_sequence(sequence)
+        newest = self.encoder(self.item_inputs(sequence), sequence > 0)
         has_history = (sequence[:, -1] > 0).unsqueeze(1)
         e_u = torch.where(has_history, newest, self.empty_sequence.unsqueeze(0).expand_as(newest))
         return (

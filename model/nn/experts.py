@@ -12,14 +12,12 @@ training choices" has the measurements that chose between them).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from model.nn.group_attention import GroupAttention
 from model.nn.layers import mlp
-from model.nn.sequence import TransformerBlock, blocked_pairs, oldest_first
+from model.nn.sequence import SequenceEncoder, oldest_first
 
 
 def masked_mean(embedded: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -47,31 +45,19 @@ class ActionPooling(nn.Module):
 
 class AttentionPooling(nn.Module):
     """Mean of the history embeddings plus the newest position's output of causal self-attention blocks
-    over the history (oldest → newest, learnt positions counted from the newest): what the user did
-    last, read in the light of what came before, as SASRec reads a sequence."""
+    over the history (``SequenceEncoder``, SASRec's reading of a sequence): what the user did last,
+    read in the light of what came before."""
 
     def __init__(self, dim: int, hidden_dim: int, max_history: int, n_blocks: int, dropout: float) -> None:
         super().__init__()
-        self.positions = nn.Parameter(torch.randn(max_history, dim) * 0.05)
-        self.input_scale = math.sqrt(dim)
-        self.input_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([TransformerBlock(dim, hidden_dim, 1, dropout) for _ in range(n_blocks)])
-        self.final_norm = nn.LayerNorm(dim)
+        self.encoder = SequenceEncoder(dim, hidden_dim, max_history, n_blocks, 1, dropout)
 
     def forward(self, embedded: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         sequence = oldest_first(history)
-        length = sequence.shape[1]
         valid = sequence > 0
-        keep = valid.unsqueeze(-1).to(embedded.dtype)
-        inputs = embedded.flip(1)[:, embedded.shape[1] - length :] * self.input_scale
-        x = self.input_dropout(inputs + self.positions[-length:].unsqueeze(0)) * keep
-        blocked = blocked_pairs(valid)
-        last = len(self.blocks) - 1
-        for index, block in enumerate(self.blocks):
-            x = block(x, blocked, index == last)
-            if index < last:
-                x = x * keep
-        newest = self.final_norm(x[:, -1]) * keep[:, -1]
+        # The encoder's layout: the embeddings reversed to oldest → newest, the all-padding columns cut.
+        inputs = embedded.flip(1)[:, embedded.shape[1] - sequence.shape[1] :]
+        newest = self.encoder(inputs, valid) * valid[:, -1:].to(embedded.dtype)
         return torch.cat([masked_mean(embedded, history), newest], dim=1)
 
 

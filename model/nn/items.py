@@ -44,8 +44,9 @@ class ItemInputEmbedding(nn.Module):
 
 
 class TowerItemInputs(nn.Module):
-    """History entries (catalog position + 1, 0 = padding) embedded by the item tower itself, so the
-    history and the targets share one item representation (as in SASRec)."""
+    """History entries (catalog position + 1, 0 = padding) embedded by what embeds the target items (an
+    item tower, or an embedding table over catalog positions), so the history and the targets share
+    one item representation, as in SASRec."""
 
     def __init__(self, tower: nn.Module) -> None:
         super().__init__()

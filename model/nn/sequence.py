@@ -61,6 +61,40 @@ class TransformerBlock(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
+class SequenceEncoder(nn.Module):
+    """The output at the newest position of causal self-attention blocks over a left-padded,
+    oldest → newest sequence of item vectors: item vectors scaled by √d plus learnt positions (counted
+    from the newest, since the newest item is always last), the blocks, a final LayerNorm. Only the
+    last block's newest query is computed. SASRec's user tower and the warm expert's attention pooling
+    are this encoder."""
+
+    def __init__(
+        self, dim: int, hidden_dim: int, max_history: int, n_blocks: int, n_heads: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.positions = nn.Embedding(max_history, dim)
+        nn.init.normal_(self.positions.weight, std=0.05)
+        self.input_scale = math.sqrt(dim)
+        self.input_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            [TransformerBlock(dim, hidden_dim, n_heads, dropout) for _ in range(n_blocks)]
+        )
+        self.final_norm = nn.LayerNorm(dim)
+
+    def forward(self, embedded: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) item vectors of a left-padded sequence and its (B, L) non-padding mask → (B, d)."""
+        keep = valid.unsqueeze(-1).to(embedded.dtype)
+        positions = self.positions.weight[-valid.shape[1] :].unsqueeze(0)
+        x = self.input_dropout(embedded * self.input_scale + positions) * keep
+        blocked = blocked_pairs(valid)
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            x = block(x, blocked, index == last)
+            if index < last:
+                x = x * keep  # padding positions stay zero, as SASRec's timeline mask keeps them
+        return self.final_norm(x[:, -1])
+
+
 def blocked_pairs(valid: torch.Tensor) -> torch.Tensor:
     """(B, L, L): True where query i must not see key j, i.e. j is in i's future or j is padding.
 
