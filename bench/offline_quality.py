@@ -39,8 +39,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-def reused(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
+def comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def main() -> None:
@@ -77,10 +77,10 @@ def main() -> None:
     context = build_context(data, settings)
     reuse = RunReuse(
         RunStore(settings.cache_dir / "runs"),
-        frozenset(check_model_names(reused(args.reuse))),
+        frozenset(check_model_names(comma_list(args.reuse))),
         stored_only=args.stored_only,
     )
-    only_seeds = [int(seed) for seed in reused(args.only_seeds)] or None
+    only_seeds = [int(seed) for seed in comma_list(args.only_seeds)] or None
     outcome = run_experiments(context, settings, models, seeds=args.seeds, reuse=reuse, only_seeds=only_seeds)
     wall = round(time.perf_counter() - started, 1)
     details = {

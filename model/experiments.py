@@ -91,10 +91,6 @@ def seed_configs(config: TrainConfig, n_seeds: int) -> list[TrainConfig]:
     return [config.model_copy(update={"seed": config.seed + i}) for i in range(n_seeds)]
 
 
-def outcome_seeds(settings: Settings, seeds: int) -> list[int]:
-    return [config.seed for config in seed_configs(settings.train, seeds)]
-
-
 def check_model_names(models: Sequence[str]) -> list[str]:
     unknown = [m for m in models if m not in ALL_MODELS]
     if unknown:
@@ -210,6 +206,7 @@ def stored_run_key(name: str, context: TrainingContext, settings: Settings, conf
         "features": settings.features.model_dump(mode="json"),
         "model": model_config.model_dump(mode="json", include=read),
         "train": train_config.model_dump(mode="json", exclude={"torch_threads"}),
+        "samples": context.samples_config.model_dump(mode="json", exclude={"torch_threads"}),
     }
     return run_key(name, identity, configs)
 
@@ -251,7 +248,7 @@ def trained_runs(
     runs: list[EvaluationResult] = []
     for index, config in enumerate(configs):
         started = time.perf_counter()
-        key = stored_run_key(name, context, settings, config)
+        key = stored_run_key(name, context, settings, config) if reuse is not None else ""
         given = index == 0 and name in outcome.trained  # a first-seed model handed in is used as is
         stored = None if given else reused_run(name, key, reuse, outcome)
         if stored is not None:
@@ -267,13 +264,11 @@ def trained_runs(
             outcome.trained[name] = model
         ranker = ModelRanker(name, model.net, context.encoder, context.data.users, catalog)
         runs.append(evaluate(ranker, points, catalog, progress=progress))
+        training = {"seed": config.seed, "epochs": len(model.epochs), "seconds": round(model.seconds, 1)}
         if reuse is not None:
-            info = {"seed": config.seed, "epochs": len(model.epochs), "seconds": round(model.seconds, 1)}
-            reuse.store.save(key, runs[-1], info)
+            reuse.store.save(key, runs[-1], training)
         if len(configs) > 1:
-            outcome.details.setdefault("seed_training", {}).setdefault(name, []).append(
-                {"seed": config.seed, "epochs": len(model.epochs), "seconds": round(model.seconds, 1)}
-            )
+            outcome.details.setdefault("seed_training", {}).setdefault(name, []).append(training)
             label = f" seed {config.seed} ({index + 1}/{len(configs)})"
             log_result(name, runs[-1], label, time.perf_counter() - started)
     return runs
@@ -301,11 +296,10 @@ def run_experiments(
     models = check_model_names(models)
     configs = seed_configs(settings.train, seeds)
     if only_seeds is not None:
-        configs = [config for config in configs if config.seed in set(only_seeds)]
-        if not configs:
-            raise ValueError(
-                f"none of the seeds {list(only_seeds)} is among {outcome_seeds(settings, seeds)}"
-            )
+        chosen = [config for config in configs if config.seed in set(only_seeds)]
+        if not chosen:
+            raise ValueError(f"none of the seeds {list(only_seeds)} is among {[c.seed for c in configs]}")
+        configs = chosen
     catalog = context.data.catalog_item_ids()
     points = test_points if test_points is not None else build_eval_points(context.data, context.split.test)
     outcome = ExperimentOutcome(

@@ -43,6 +43,9 @@ class TrainingContext:
     encoder: FeatureEncoder
     samples: TrainingSamples
     validation_points: list[EvalPoint]
+    # What drew the samples' request times (its seed and session-start settings): a trained run depends
+    # on it as much as on the run's own training configuration.
+    samples_config: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
     def build(
@@ -55,8 +58,9 @@ class TrainingContext:
         """Samples of the train users (request times as ``config`` says), and ``encoder``'s state
         coverage fitted to them: every state bucket is then served as one that training updates."""
         started = time.perf_counter()
+        config = config or TrainConfig()
         sequences = UserSequences.from_interactions(data.interactions, split.train)
-        samples = build_training_samples(data.users, sequences, encoder, config or TrainConfig())
+        samples = build_training_samples(data.users, sequences, encoder, config)
         encoder.fit_state_coverage(samples.state.numpy())
         samples.state = torch.as_tensor(encoder.serve_state_buckets(samples.state.numpy()))
         points = build_eval_points(data, split.validation)
@@ -67,7 +71,7 @@ class TrainingContext:
             time.perf_counter() - started,
             encoder.remapped_state_buckets(),
         )
-        return cls(data, split, encoder, samples, points)
+        return cls(data, split, encoder, samples, points, config)
 
 
 @dataclass

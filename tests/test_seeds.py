@@ -243,3 +243,13 @@ def test_stored_runs_stand_in_only_for_the_models_asked_and_only_under_the_same_
     )
     assert trainings == [] and len(partial.seed_results["dssm"]) == 1
     assert partial.spread["dssm"].runs == 1
+
+    # A context whose samples were drawn otherwise (another seed) holds other runs: nothing reused.
+    other_samples = TrainingContext.build(
+        data, split, FeatureEncoder.fit(data, split.train, settings.features), TrainConfig(seed=9)
+    )
+    trainings.clear()
+    run_experiments(
+        other_samples, settings, ["dssm"], progress=False, seeds=1, reuse=RunReuse(store, frozenset({"dssm"}))
+    )
+    assert trainings == [("dssm", 3)]
