@@ -19,12 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from model.cli import build_context, setup_logging
 from model.data.loading import load_dataset
 from model.evaluation.protocol import evaluate, gate_cold_means
-from model.ranker import ModelRanker, encode_points
+from model.ranker import ModelRanker
 from model.settings import Settings
 from model.train import TrainingContext, fit_cold_warm_net, set_torch_threads
 
@@ -59,11 +57,6 @@ def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str
     catalog = data.catalog_item_ids()
     ranker = ModelRanker(name, trained.net, context.encoder, data.users, catalog)
     result = evaluate(ranker, points, catalog, progress=False)
-    encoded = encode_points(points, data.users, context.encoder)
-    with torch.no_grad():
-        _, _, gate = trained.net.user_tower(
-            torch.as_tensor(encoded.profile), torch.as_tensor(encoded.history), torch.as_tensor(encoded.state)
-        )
     best = max(trained.epochs, key=lambda e: e.get("validation", 0.0))
     row = {
         "model": model_override,
@@ -72,7 +65,7 @@ def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str
             g: {m: round(result.groups[g][m], 4) for m in ("recall@50", "ndcg@50", "ndcg@10")} for g in GROUPS
         },
         "curve": {str(h): round(ms["recall@50"], 4) for h, ms in result.curve.items()},
-        "gate_cold_mean": {g: round(v, 4) for g, v in gate_cold_means(points, gate.numpy()).items()},
+        "gate_cold_mean": {g: round(v, 4) for g, v in gate_cold_means(points, ranker.gates(points)).items()},
         "epochs": len(trained.epochs),
         "best_epoch": int(best["epoch"]),
         "seconds": round(trained.seconds, 1),

@@ -19,14 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from model.cli import setup_logging
 from model.data.loading import load_dataset
 from model.data.split import split_users
 from model.evaluation.protocol import EvalPoint, evaluate, gate_cold_means
 from model.features import FeatureEncoder
-from model.ranker import ModelRanker, encode_points
+from model.ranker import ModelRanker
 from model.settings import Settings
 from model.train import TrainingContext, fit_cold_warm_net, set_torch_threads
 
@@ -59,17 +57,6 @@ def at_wall_clock(points: list[EvalPoint]) -> list[EvalPoint]:
     return [dataclasses.replace(p, request_time=WALL_CLOCK) for p in points]
 
 
-@torch.no_grad()
-def mean_cold_weight(
-    net: torch.nn.Module, encoder: FeatureEncoder, users: Any, points: list[EvalPoint]
-) -> dict[str, float]:
-    encoded = encode_points(points, users, encoder)
-    _, _, gate = net.user_tower(
-        torch.as_tensor(encoded.profile), torch.as_tensor(encoded.history), torch.as_tensor(encoded.state)
-    )
-    return {group: round(mean, 4) for group, mean in gate_cold_means(points, gate.numpy()).items()}
-
-
 def measure(name: str, data: Any, settings: Settings) -> dict[str, Any]:
     features_override, train_override = VARIANTS[name]
     features = settings.features.model_copy(update=features_override)
@@ -96,7 +83,8 @@ def measure(name: str, data: Any, settings: Settings) -> dict[str, Any]:
             group: {m: round(result.groups[group][m], 4) for m in ("recall@50", "ndcg@50")}
             for group in result.groups
         }
-        row[mode]["gate_cold_mean"] = mean_cold_weight(trained.net, encoder, data.users, points)
+        gates = gate_cold_means(points, ranker.gates(points))
+        row[mode]["gate_cold_mean"] = {group: round(mean, 4) for group, mean in gates.items()}
     log.info("%s: %s", name, json.dumps({k: row[k] for k in ("data_time", "wall_clock")}))
     return row
 

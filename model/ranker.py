@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -76,14 +77,27 @@ class ModelRanker:
 
     @torch.no_grad()
     def score(self, points: Sequence[EvalPoint]) -> np.ndarray:
+        return on_catalog(self._in_eval_mode(self.model.score_all, points).numpy(), self.columns)
+
+    @torch.no_grad()
+    def gates(self, points: Sequence[EvalPoint]) -> np.ndarray:
+        """(n, 2) gate weights [cold, warm] of the points' users."""
+        _, _, gate = self._in_eval_mode(self.model.user_tower, points)
+        return gate.numpy()
+
+    def _in_eval_mode(self, call: Any, points: Sequence[EvalPoint]) -> Any:
+        """``call(profile, history, state)`` on the encoded points, the model in eval mode meanwhile."""
         encoded = encode_points(points, self.users, self.encoder)
         was_training = self.model.training
         self.model.eval()
-        scores = self.model.score_all(
-            torch.as_tensor(encoded.profile), torch.as_tensor(encoded.history), torch.as_tensor(encoded.state)
-        ).numpy()
-        self.model.train(was_training)
-        return on_catalog(scores, self.columns)
+        try:
+            return call(
+                torch.as_tensor(encoded.profile),
+                torch.as_tensor(encoded.history),
+                torch.as_tensor(encoded.state),
+            )
+        finally:
+            self.model.train(was_training)
 
 
 class ArtifactsRanker:

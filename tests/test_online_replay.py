@@ -133,6 +133,24 @@ def test_artifacts_ranker_scores_what_the_trained_model_scores(
     )
 
 
+def test_model_ranker_gates_are_the_exported_towers_and_leave_the_training_mode(
+    serving_artifacts: ServingArtifacts, replayed: Replayed
+) -> None:
+    net = serving_artifacts.a.net
+    net_ranker = ModelRanker(
+        "net", net, serving_artifacts.encoder, serving_artifacts.data.users, replayed.catalog
+    )
+    net.train()
+    try:
+        gates = net_ranker.gates(replayed.points)
+        assert net.training  # restored after the eval-mode call
+    finally:
+        net.eval()
+    _, _, exported = replayed.ranker.user_side(replayed.points)
+    np.testing.assert_allclose(gates, exported.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(gates.sum(axis=1), 1.0, atol=1e-6)
+
+
 def test_item_columns_map_any_item_order_onto_the_catalog() -> None:
     columns = item_columns(np.array([30, 10, 20]), np.array([5, 10, 20, 30, 40]))
     np.testing.assert_array_equal(columns, [-1, 1, 2, 0, -1])
