@@ -122,9 +122,6 @@ class TrainingSamples:
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return (self.profile[index], self.history[index].long(), self.state[index], self.target[index])
 
-    def history_lengths(self) -> torch.Tensor:
-        return history_lengths(self.history)
-
 
 def history_lengths(history: torch.Tensor) -> torch.Tensor:
     """Items in each row of encoded histories (0 = padding), capped at the encoder's max_history."""
@@ -135,7 +132,7 @@ def history_balance_weights(samples: TrainingSamples, balance: float) -> torch.T
     """Per-sample loss weights (mean 1): (share of samples with the same capped history length) ^
     -balance. Prefix samples are mostly long histories, so without it the first few actions, where
     a new user is judged, are a few percent of the loss."""
-    lengths = samples.history_lengths()
+    lengths = history_lengths(samples.history)
     counts = torch.bincount(lengths).double()
     weights = (counts[lengths] / len(lengths)).pow(-balance)
     return (weights / weights.mean()).float()
