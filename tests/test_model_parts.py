@@ -4,6 +4,7 @@ losses and candidates, mutual-information selection, and the score of the whole 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from model.nn.cold_warm_net import (
 )
 from model.nn.gate import StateGate
 from model.nn.group_attention import GroupAttention
-from model.samples import TrainingSamples, UserSequences, build_training_samples
+from model.samples import TrainingSamples, UserSequences, build_training_samples, history_balance_weights
 from model.settings import FeatureConfig, ModelConfig, TrainConfig
 from model.train import item_log_frequencies, training_step, user_bias_candidates
 
@@ -420,3 +421,15 @@ def test_distillation_moves_only_the_cold_expert(world) -> None:
     # The cold expert's own layers (and the profile embeddings that feed it) are what it may move.
     assert all(name.startswith(("user_tower.cold.", "user_tower.profile.")) for name in moved), sorted(moved)
     assert any(name.startswith("user_tower.cold.") for name in moved)
+
+
+def test_history_balance_weights_give_each_history_length_its_share() -> None:
+    # Histories of lengths 0, 1, 1, 2, 2, 2 (0 = padding).
+    history = torch.tensor([[0, 0], [5, 0], [6, 0], [5, 6], [6, 7], [7, 8]])
+    samples = SimpleNamespace(history=history)
+    alike = history_balance_weights(samples, 0.0)
+    torch.testing.assert_close(alike, torch.ones(6))
+    balanced = history_balance_weights(samples, 1.0)
+    assert float(balanced.mean()) == pytest.approx(1.0)
+    totals = [float(balanced[rows].sum()) for rows in ([0], [1, 2], [3, 4, 5])]
+    assert totals == pytest.approx([2.0, 2.0, 2.0])  # every length the same total weight
