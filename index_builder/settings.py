@@ -29,5 +29,11 @@ class IndexSettings(BaseSettings):
         128, ge=1, description="HNSW search breadth; keep it >= k (below k, recall drops fast)"
     )
     use_gpu: bool = Field(True, description="build IVF on the GPU when this FAISS build has one and sees one")
+    search_backend: Literal["auto", "faiss", "torch"] = Field(
+        "auto",
+        description="engine of the serving search (COLDWARM_INDEX_SEARCH_BACKEND). auto: FAISS on the GPU "
+        "when it has a GPU build, else exact torch on the GPU; on the CPU, the FAISS index as built. "
+        "faiss: the index on the serving device; torch: exact matmul + top-k on the serving device",
+    )
     recall_sample: int = Field(1000, ge=1, description="queries used to measure the index's recall")
     recall_k: int = Field(100, ge=1)
