@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ class Artifacts:
     user_tower: torch.jit.ScriptModule
     items: ItemTable
     encoder: FeatureEncoder
+    # Where the tower runs (map_location at load); its outputs stay there, for a search on that device.
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def version(self) -> str:
@@ -77,9 +79,9 @@ class Artifacts:
         the exported tower, run the one way the service, the index's recall and the replay all use."""
         with torch.inference_mode():  # cheaper than no_grad: no version counters on the outputs
             return self.user_tower(
-                torch.from_numpy(encoded.profile),
-                torch.from_numpy(encoded.history),
-                torch.from_numpy(encoded.state),
+                torch.from_numpy(encoded.profile).to(self.device),
+                torch.from_numpy(encoded.history).to(self.device),
+                torch.from_numpy(encoded.state).to(self.device),
             )
 
 
@@ -263,7 +265,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return _read_manifest(resolve_version_dir(path))
 
 
-def load_artifacts(path: Path, map_location: str = "cpu") -> Artifacts:
+def load_artifacts(path: Path, map_location: str | torch.device = "cpu") -> Artifacts:
     """Loads and cross-checks a version directory; any inconsistency is an ArtifactError naming the file.
 
     Content is checked against the manifest *before* anything is deserialised, so a damaged or swapped
@@ -283,7 +285,7 @@ def load_artifacts(path: Path, map_location: str = "cpu") -> Artifacts:
         encoder = FeatureEncoder.load(directory / FEATURES_FILE)
     if len(items.item_ids) != len(items.embeddings) or len(items.item_ids) != len(items.bias):
         raise ArtifactError(f"{directory}: {ITEMS_FILE} arrays disagree in length")
-    return Artifacts(directory, manifest, user_tower, items, encoder)
+    return Artifacts(directory, manifest, user_tower, items, encoder, torch.device(map_location))
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:

@@ -44,13 +44,13 @@ def make_store(settings: ServiceSettings, cap: int) -> tuple[FeatureStore, str]:
 
 
 async def load_startup_bundle(
-    artifacts_dir: Path, index_settings: IndexSettings
+    artifacts_dir: Path, index_settings: IndexSettings, device: str
 ) -> tuple[ServingBundle | None, str | None]:
     """The bundle to serve, or why there is none: the service then starts but is not ready (/readyz
     says why, /recommend answers 503) until ``/admin/reload`` loads good artifacts. Serving a damaged
     model would be worse than serving nothing, and a process that stays up can be repaired in place."""
     try:
-        return await asyncio.to_thread(load_bundle, artifacts_dir, index_settings), None
+        return await asyncio.to_thread(load_bundle, artifacts_dir, index_settings, device), None
     except (ArtifactError, OSError, ValueError, RuntimeError) as error:
         log.error("not ready: artifacts at %s refused: %s", artifacts_dir, error)
         return None, str(error)
@@ -71,12 +71,29 @@ def create_app(
         index_settings = IndexSettings()
         serving, load_error = bundle, None
         if serving is None:
-            serving, load_error = await load_startup_bundle(settings.artifacts_dir, index_settings)
+            serving, load_error = await load_startup_bundle(
+                settings.artifacts_dir, index_settings, settings.device
+            )
         cap = serving.artifacts.encoder.config.max_history if serving else settings.history_cap
         feature_store, kind = (store, "given") if store is not None else make_store(settings, cap)
-        recommender = Recommender(serving, cap, load_error, settings.max_queue_ms)
+        recommender = Recommender(
+            serving,
+            cap,
+            load_error,
+            settings.max_queue_ms,
+            settings.max_batch,
+            settings.batch_wait_us,
+            on_batch=lambda stats: metrics.batch_size.observe(stats.size),
+            device=settings.device,
+        )
         if serving is not None:
-            metrics.set_versions(serving.model_version, serving.index_version, serving.n_items)
+            metrics.set_versions(
+                serving.model_version,
+                serving.index_version,
+                serving.n_items,
+                serving.searcher.name,
+                serving.device,
+            )
             log.info(
                 "serving model %s, index %s (%d items)",
                 serving.model_version,

@@ -4,6 +4,8 @@ A ``ServingBundle`` is the TorchScript user tower, the encoder and the FAISS ind
 version, loaded and checked together. The ``Recommender`` holds exactly one bundle and swaps it whole,
 so a request sees one model and its index, never a mix. Model and search run on one dedicated
 thread: off the event loop, and serialised, which GPU FAISS requires and CPU FAISS does not mind.
+Requests reach that thread through a ``MicroBatcher`` (``service/batching.py``): whatever waits when the
+thread frees up is computed as one batch by ``compute_batch``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 import gc
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,12 @@ import numpy as np
 import torch
 
 from index_builder.build import load_index
-from index_builder.faiss_index import exact_search, search
+from index_builder.faiss_index import exact_search
+from index_builder.search_backends import SearchBackend, choose_backend, resolve_device
 from index_builder.settings import IndexSettings
 from index_builder.vectors import fold_bias, query_vectors
 from model.artifacts import ArtifactError, Artifacts, artifacts_root, load_artifacts
+from service.batching import BatchStats, MicroBatcher
 from service.feature_store import UserRecord, records_to_raw_users
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,9 @@ class ServingBundle:
     index_version: str
     # The folded item vectors, for the exact fallback when an approximate index returns too few items.
     vectors: np.ndarray
+    # What runs the top-k search: this index with FAISS (CPU or GPU), or exact torch search on the
+    # tower's device (index_builder/search_backends.py).
+    searcher: SearchBackend
     # The answer for a user the service knows nothing of, ranked once at load: what an overloaded
     # service hands out instead of queueing (cold-start quality, no model or search cost).
     cold_answer: Recommendation | None = None
@@ -56,6 +63,11 @@ class ServingBundle:
     def n_items(self) -> int:
         return int(self.index.ntotal)
 
+    @property
+    def device(self) -> str:
+        """Where the tower runs: "cpu" or "cuda"."""
+        return self.artifacts.device.type
+
 
 @dataclass(frozen=True)
 class Recommendation:
@@ -67,14 +79,26 @@ class Recommendation:
     search_seconds: float
     model_version: str
     index_version: str
+    # Requests computed in the same model call (1: alone); the seconds above are that call's.
+    batch_size: int = 1
+    # Seconds the request waited for the model thread before its batch started.
+    queue_seconds: float = 0.0
 
 
-def load_bundle(artifacts_dir: Path, index_settings: IndexSettings) -> ServingBundle:
-    """Loads artifacts and their index, checks they belong together, and runs one request through them."""
-    artifacts = load_artifacts(Path(artifacts_dir))
+def load_bundle(artifacts_dir: Path, index_settings: IndexSettings, device: str = "auto") -> ServingBundle:
+    """Loads artifacts and their index, checks they belong together, and runs one request through them.
+
+    ``device`` (COLDWARM_DEVICE: auto, cpu or cuda) is where the tower runs; the search runs where
+    ``index_settings.search_backend`` and the device say (``choose_backend``)."""
+    torch_device = resolve_device(device)
+    artifacts = load_artifacts(Path(artifacts_dir), map_location=torch_device)
     index, manifest = load_index(artifacts.directory, index_settings, artifacts.version)
     vectors = fold_bias(artifacts.items.embeddings, artifacts.items.bias, artifacts.scale)
-    bundle = ServingBundle(artifacts, index, manifest, str(manifest.get("index_version", "")), vectors)
+    searcher = choose_backend(
+        index, vectors, artifacts.items.item_ids, index_settings.search_backend, torch_device
+    )
+    version = str(manifest.get("index_version", ""))
+    bundle = ServingBundle(artifacts, index, manifest, version, vectors, searcher)
     try:
         # Also the warm-up: first-call costs (TorchScript profiling, FAISS allocations) are paid here.
         cold = compute(bundle, UserRecord.unknown(0), int(time.time()), COLD_ANSWER_SIZE, set())
@@ -83,7 +107,7 @@ def load_bundle(artifacts_dir: Path, index_settings: IndexSettings) -> ServingBu
     return dataclasses.replace(bundle, cold_answer=cold)
 
 
-def shed_answer(bundle: ServingBundle, k: int, exclude: set[int]) -> Recommendation:
+def shed_answer(bundle: ServingBundle, k: int, exclude: Set[int]) -> Recommendation:
     """The precomputed cold-start answer, minus exclusions: at most k items, possibly fewer."""
     cold = bundle.cold_answer
     assert cold is not None, "load_bundle always sets it"
@@ -94,48 +118,82 @@ def shed_answer(bundle: ServingBundle, k: int, exclude: set[int]) -> Recommendat
         scores=[s for _, s in kept],
         model_seconds=0.0,
         search_seconds=0.0,
+        batch_size=0,
+        queue_seconds=0.0,
     )
+
+
+@dataclass(frozen=True)
+class RecommendQuery:
+    """One user's ask: the record read from the store, the moment it is for, k and the items to drop."""
+
+    record: UserRecord
+    now: int
+    k: int
+    exclude: Set[int] = frozenset()
+
+
+def embed_users(
+    bundle: ServingBundle, records: Sequence[UserRecord], nows: Sequence[int]
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """(FAISS queries (B, d + 1), user biases b_u (B,), gate weights (B, 2)) of users, each at its time."""
+    encoder = bundle.artifacts.encoder
+    encoded = encoder.encode_users(records_to_raw_users(records, nows, encoder.config.max_history))
+    embedding, user_bias, gate = bundle.artifacts.embed_users(encoded)
+    return query_vectors(embedding.cpu().numpy()), user_bias, gate
 
 
 def embed_user(
     bundle: ServingBundle, record: UserRecord, now: int
 ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """(FAISS query (1, d + 1), user bias b_u (1,), gate weights (1, 2)) of one user at time ``now``."""
-    encoder = bundle.artifacts.encoder
-    encoded = encoder.encode_users(records_to_raw_users([record], now, encoder.config.max_history))
-    embedding, user_bias, gate = bundle.artifacts.embed_users(encoded)
-    return query_vectors(embedding.numpy()), user_bias, gate
+    return embed_users(bundle, [record], [now])
 
 
-def compute(bundle: ServingBundle, record: UserRecord, now: int, k: int, exclude: set[int]) -> Recommendation:
-    """Top-k items for one user: encode → user tower → FAISS → drop excluded items → add b_u."""
+def compute_batch(bundle: ServingBundle, queries: Sequence[RecommendQuery]) -> list[Recommendation]:
+    """Top-k items for each query: one encode, one tower call and one search for the whole batch, then
+    each query's exclusions, k and b_u. Answers equal those of each query computed alone."""
     started = time.perf_counter()
-    queries, user_bias, gate = embed_user(bundle, record, now)
+    vectors, user_bias, gate = embed_users(bundle, [q.record for q in queries], [q.now for q in queries])
     model_done = time.perf_counter()
-    # Over-fetching by the number of exclusions guarantees k survivors whenever the catalog has them.
-    fetch = min(k + len(exclude), bundle.n_items)
-    scores, ids = search(bundle.index, queries, fetch)
-    keep = survivors(ids[0], scores[0], exclude, k)
-    if len(keep) < k and (ids[0] < 0).any():
+    # Over-fetching by the exclusions guarantees k survivors whenever the catalog has them; the batch
+    # fetches what its most demanding query needs.
+    fetch = min(max(q.k + len(q.exclude) for q in queries), bundle.n_items)
+    scores, ids = bundle.searcher.search(vectors, fetch)
+    kept = [survivors(ids[row], scores[row], q.exclude, q.k) for row, q in enumerate(queries)]
+    short = [row for row, q in enumerate(queries) if len(kept[row]) < q.k and (ids[row] < 0).any()]
+    if short:
         # An approximate index (IVF probing few lists, HNSW's reachable graph) ran short of the
-        # catalog; exact search over the same folded vectors always has every item.
-        scores, ids = exact_search(bundle.vectors, bundle.artifacts.items.item_ids, queries, fetch)
-        keep = survivors(ids[0], scores[0], exclude, k)
+        # catalog for these rows; exact search over the same folded vectors always has every item.
+        exact_scores, exact_ids = exact_search(
+            bundle.vectors, bundle.artifacts.items.item_ids, vectors[short], fetch
+        )
+        for at, row in enumerate(short):
+            kept[row] = survivors(exact_ids[at], exact_scores[at], queries[row].exclude, queries[row].k)
     search_done = time.perf_counter()
-    bias = float(user_bias[0])
-    return Recommendation(
-        item_ids=[i for i, _ in keep],
-        scores=[s + bias for _, s in keep],
-        gate_cold=float(gate[0, 0]),
-        gate_warm=float(gate[0, 1]),
-        model_seconds=model_done - started,
-        search_seconds=search_done - model_done,
-        model_version=bundle.model_version,
-        index_version=bundle.index_version,
-    )
+    biases, gates = user_bias.tolist(), gate.tolist()
+    return [
+        Recommendation(
+            item_ids=[i for i, _ in keep],
+            scores=[s + biases[row] for _, s in keep],
+            gate_cold=gates[row][0],
+            gate_warm=gates[row][1],
+            model_seconds=model_done - started,
+            search_seconds=search_done - model_done,
+            model_version=bundle.model_version,
+            index_version=bundle.index_version,
+            batch_size=len(queries),
+        )
+        for row, keep in enumerate(kept)
+    ]
 
 
-def survivors(ids: np.ndarray, scores: np.ndarray, exclude: set[int], k: int) -> list[tuple[int, float]]:
+def compute(bundle: ServingBundle, record: UserRecord, now: int, k: int, exclude: Set[int]) -> Recommendation:
+    """Top-k items for one user: encode → user tower → FAISS → drop excluded items → add b_u."""
+    return compute_batch(bundle, [RecommendQuery(record, now, k, exclude)])[0]
+
+
+def survivors(ids: np.ndarray, scores: np.ndarray, exclude: Set[int], k: int) -> list[tuple[int, float]]:
     # tolist() first: Python ints and floats in one C call, instead of a numpy scalar per element.
     kept = [(i, s) for i, s in zip(ids.tolist(), scores.tolist(), strict=True) if i >= 0 and i not in exclude]
     return kept[:k]
@@ -150,11 +208,12 @@ class OverloadedError(RuntimeError):
 
 
 class Recommender:
-    """Serves the current bundle; ``reload`` replaces it atomically.
+    """Serves the current bundle through a ``MicroBatcher``; ``reload`` replaces the bundle atomically.
 
     It may start without a bundle (the artifacts were refused at start-up): it then answers nothing,
     says why, and the first successful ``reload`` makes it ready. ``history_cap`` is the number of
-    actions the feature store keeps per user, fixed for the life of the process.
+    actions the feature store keeps per user, fixed for the life of the process. Each batch is computed
+    with the bundle current when it starts: one model and its index per batch, never a mix.
     """
 
     def __init__(
@@ -163,15 +222,19 @@ class Recommender:
         history_cap: int,
         load_error: str | None = None,
         max_queue_ms: float = 25.0,
+        max_batch: int = 64,
+        batch_wait_us: float = 0.0,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        device: str = "auto",
     ) -> None:
         self._bundle = bundle
+        self.device = device  # where reloaded bundles run, as the first one
         self.history_cap = history_cap
         self.max_queue_s = max_queue_ms / 1000
-        self.pending = 0
-        # Moving average of one computation's seconds, to turn the queue length into a wait.
-        self.service_seconds = 0.001
         self.load_error = load_error if bundle is None else None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coldwarm-model")
+        self.batcher: MicroBatcher[RecommendQuery, Recommendation] = MicroBatcher(
+            self._compute_current, max_batch, batch_wait_us / 1e6, on_batch
+        )
         self._reload_lock = asyncio.Lock()
 
     @property
@@ -179,13 +242,23 @@ class Recommender:
         return self._bundle
 
     @property
+    def pending(self) -> int:
+        return self.batcher.pending
+
+    @property
     def expected_wait_s(self) -> float:
         """How long a request admitted now would wait for the model thread."""
-        return self.pending * self.service_seconds
+        return self.batcher.expected_wait_s
 
-    async def recommend(self, record: UserRecord, now: int, k: int, exclude: set[int]) -> Recommendation:
-        bundle = self._bundle  # one snapshot per request: the model and the index it was built for
+    def _compute_current(self, queries: Sequence[RecommendQuery]) -> list[Recommendation]:
+        bundle = self._bundle  # one snapshot per batch: the model and the index it was built for
         if bundle is None:
+            raise NotLoadedError(f"no model loaded: {self.load_error}")
+        return compute_batch(bundle, queries)
+
+    def admit(self, requests: int = 1) -> None:
+        """Raises unless a model is loaded and ``requests`` more may queue within the budget."""
+        if self._bundle is None:
             raise NotLoadedError(f"no model loaded: {self.load_error}")
         if self.expected_wait_s > self.max_queue_s:
             # Shedding on the expected wait, not on a queue length: a standing queue of any length
@@ -193,18 +266,27 @@ class Recommender:
             raise OverloadedError(
                 f"{self.pending} requests already wait for the model (~{self.expected_wait_s * 1e3:.1f} ms)"
             )
-        # Counted on the event loop only, so no lock: incremented here, decremented when the answer is in.
-        self.pending += 1
-        try:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._executor, compute, bundle, record, now, k, exclude)
-        finally:
-            self.pending -= 1
-        seconds = result.model_seconds + result.search_seconds
-        self.service_seconds += 0.1 * (seconds - self.service_seconds)
-        return result
 
-    def shed(self, k: int, exclude: set[int]) -> Recommendation:
+    async def recommend(self, record: UserRecord, now: int, k: int, exclude: Set[int]) -> Recommendation:
+        [outcome] = await self.recommend_many([RecommendQuery(record, now, k, exclude)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def recommend_many(self, queries: Sequence[RecommendQuery]) -> list[Recommendation | BaseException]:
+        """One outcome per query, in order: its answer, or the error computing it raised (the others'
+        answers stand). Admitted or refused as a whole; computed in one model call when the queue is
+        empty, else with whatever else waits."""
+        self.admit(len(queries))
+        answered = await self.batcher.submit(queries)
+        return [
+            outcome
+            if isinstance(outcome, BaseException)
+            else dataclasses.replace(outcome, queue_seconds=waited)
+            for outcome, waited in answered
+        ]
+
+    def shed(self, k: int, exclude: Set[int]) -> Recommendation:
         """The cold-start answer without touching the model: for requests an overload turned away."""
         bundle = self._bundle
         if bundle is None:
@@ -214,7 +296,7 @@ class Recommender:
     async def reload(self, artifacts_dir: Path, index_settings: IndexSettings) -> ServingBundle:
         """Loads and warms a new bundle off the serving thread, then swaps; on error the old one stays."""
         async with self._reload_lock:
-            bundle = await asyncio.to_thread(load_bundle, artifacts_dir, index_settings)
+            bundle = await asyncio.to_thread(load_bundle, artifacts_dir, index_settings, self.device)
             cap = bundle.artifacts.encoder.config.max_history
             if cap != self.history_cap:
                 # The feature store keeps history_cap actions per user, fixed when the service started.
@@ -231,7 +313,7 @@ class Recommender:
             return self._bundle
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.batcher.close()
 
 
 def release_memory() -> None:

@@ -28,6 +28,7 @@ LATENCY_BUCKETS = (
     1.0,
 )
 GATE_BUCKETS = tuple(i / 10 for i in range(11))
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class ServiceMetrics:
@@ -41,9 +42,16 @@ class ServiceMetrics:
         )
         self.stage_latency = Histogram(
             "coldwarm_stage_latency_seconds",
-            "Latency of each stage of /recommend",
+            "Latency of each stage of /recommend: features, queue (waiting for the model thread), model, "
+            "search, total",
             ["stage"],
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "coldwarm_batch_size",
+            "Requests computed in one model call (dynamic batching)",
+            buckets=BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )
         self.gate_cold_weight = Histogram(
@@ -69,10 +77,21 @@ class ServiceMetrics:
             "coldwarm_reloads", "Artifact reloads by result", ["result"], registry=self.registry
         )
         self.versions = Info(
-            "coldwarm_serving", "Model and index versions being served", registry=self.registry
+            "coldwarm_serving",
+            "Model and index versions being served, the search backend and the tower's device",
+            registry=self.registry,
         )
         self.index_size = Gauge("coldwarm_index_items", "Items in the served index", registry=self.registry)
 
-    def set_versions(self, model_version: str, index_version: str, n_items: int) -> None:
-        self.versions.info({"model_version": model_version, "index_version": index_version})
+    def set_versions(
+        self, model_version: str, index_version: str, n_items: int, search_backend: str, device: str
+    ) -> None:
+        self.versions.info(
+            {
+                "model_version": model_version,
+                "index_version": index_version,
+                "search_backend": search_backend,
+                "device": device,
+            }
+        )
         self.index_size.set(n_items)

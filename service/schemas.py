@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.feature_store.records import EVENT_ID_PATTERN, EVENT_IDS_KEPT
+
+# Users one POST /recommend/batch may ask for: a feed backend's fan-out or precompute chunk, small
+# enough that one call holds the model thread for a few milliseconds, not for seconds.
+MAX_BATCH_USERS = 1000
 
 # Ids are 64-bit integers in every feed backend we serve; reject what would overflow FAISS's int64.
 UserId = Field(ge=0, le=2**63 - 1, description="the user's 64-bit integer id")
@@ -41,6 +47,7 @@ class GateWeights(BaseModel):
 
 class Latency(BaseModel):
     features: float
+    queue: float = Field(0.0, description="waiting for the model thread (dynamic batching)")
     model: float
     search: float
     total: float
@@ -56,6 +63,31 @@ class RecommendResponse(BaseModel):
     degraded: bool
     degraded_reason: str | None = None
     latency_ms: Latency
+
+
+class BatchRecommendRequest(StrictModel):
+    # Left to right: an entry is a RecommendRequest when it validates as one, else kept as sent, so that
+    # the route answers it with its own error instead of refusing the whole batch.
+    requests: list[Annotated[RecommendRequest | Any, Field(union_mode="left_to_right")]] = Field(
+        min_length=1,
+        max_length=MAX_BATCH_USERS,
+        description=f"up to {MAX_BATCH_USERS} requests, each a /recommend body; an invalid one is answered "
+        "with its own error and does not fail the others",
+    )
+
+
+class BatchEntryError(BaseModel):
+    index: int = Field(description="position of the request in the batch")
+    status: int = Field(description="the HTTP status /recommend would have answered this request with")
+    message: str
+    detail: Any = None
+
+
+class BatchRecommendResponse(BaseModel):
+    results: list[RecommendResponse | BatchEntryError] = Field(
+        description="one per request, in order: its answer, or its error"
+    )
+    batch_latency_ms: Latency
 
 
 class EventRequest(StrictModel):

@@ -6,6 +6,7 @@ The index search parameters (nprobe, efSearch) are ``IndexSettings`` (``COLDWARM
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr
@@ -49,6 +50,24 @@ class ServiceSettings(BaseSettings):
         25.0,
         ge=0,
         description="expected wait for the model beyond which /recommend sheds load (a degraded answer)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where the user tower runs (auto: CUDA when torch sees a GPU); the search follows "
+        "COLDWARM_INDEX_SEARCH_BACKEND",
+    )
+    max_batch: int = Field(
+        64,
+        ge=1,
+        description="requests computed in one model call, at most (1: no batching); whatever waits when "
+        "the model thread frees up is taken, up to this many",
+    )
+    batch_wait_us: float = Field(
+        0.0,
+        ge=0,
+        le=1_000_000,
+        description="microseconds the model thread waits for more requests before a batch that is not "
+        "full; 0 takes what is there (adds no latency at low load)",
     )
 
 

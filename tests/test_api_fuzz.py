@@ -63,6 +63,7 @@ MAX_USER_ID = 2**63 - 1
 # Every operation of the API; the schema must list exactly these (a new route gets fuzzed, or this fails).
 OPERATIONS = (
     "POST /recommend",
+    "POST /recommend/batch",
     "POST /events",
     "PUT /users/{user_id}/profile",
     "GET /users/{user_id}",

@@ -199,5 +199,6 @@ def test_prometheus_scrapes_the_service(serving_artifacts: ServingArtifacts, pro
         (info,) = prometheus.query(f'coldwarm_serving_info{{job="{job}"}}')
         assert info["metric"]["model_version"] == serving_artifacts.a.model_version
         assert info["metric"]["index_version"] == serving_artifacts.a.index_version
+        assert (info["metric"]["search_backend"], info["metric"]["device"]) == ("faiss-cpu", "cpu")
         (items,) = prometheus.query(f'coldwarm_index_items{{job="{job}"}}')
         assert int(float(items["value"][1])) == len(serving_artifacts.catalog)

@@ -17,6 +17,7 @@ import torch
 
 from index_builder.build import INDEX_MANIFEST_FILE, build_index_artifacts, load_index, resolve_index_dir
 from index_builder.faiss_index import exact_search, search
+from index_builder.search_backends import FaissSearch
 from index_builder.settings import IndexSettings
 from index_builder.vectors import fold_bias, query_vectors
 from model.evaluation.protocol import EvalPoint, build_eval_points
@@ -261,7 +262,9 @@ def test_ivf_with_small_nprobe_reports_lower_recall_and_still_returns_k_valid_id
     np.testing.assert_allclose(scores, expected, atol=1e-4)
 
     # The engine over the IVF bundle answers k valid, unexcluded items too.
-    bundle = ServingBundle(bundle_a.artifacts, index, loaded, loaded["index_version"], vectors)
+    bundle = ServingBundle(
+        bundle_a.artifacts, index, loaded, loaded["index_version"], vectors, FaissSearch(index)
+    )
     for case in [case for case in cases if case.point.h <= 5]:
         result = compute(bundle, case.record, case.point.request_time, k, set(case.record.actions))
         assert len(result.item_ids) == k and len(set(result.item_ids)) == k

@@ -23,6 +23,7 @@ import redis
 
 from index_builder.build import INDEX_FILE, INDEX_MANIFEST_FILE, resolve_index_dir
 from index_builder.faiss_index import build_index, search
+from index_builder.search_backends import FaissSearch
 from index_builder.settings import IndexSettings
 from model.artifacts import FEATURES_FILE, MANIFEST_FILE, USER_TOWER_FILE, ArtifactError
 from service.engine import (
@@ -204,11 +205,12 @@ def test_recommender_sheds_beyond_its_queue_budget_with_the_cold_answer(bundle_a
     assert len(bundle_a.cold_answer.item_ids) == min(COLD_ANSWER_SIZE, bundle_a.n_items)
 
     async def scenario() -> None:
-        # One second per request (as if measured), 1.5 s of queue allowed: two may wait, not three.
-        recommender = Recommender(bundle_a, history_cap=50, max_queue_ms=1500)
-        recommender.service_seconds = 1.0
+        # Unbatched, one second per request (as if measured), 1.5 s of queue allowed: two may wait,
+        # not three.
+        recommender = Recommender(bundle_a, history_cap=50, max_queue_ms=1500, max_batch=1)
+        recommender.batcher.batch_seconds = 1.0
         model_thread_free = threading.Event()
-        recommender._executor.submit(model_thread_free.wait)  # the model thread is busy
+        recommender.batcher.executor.submit(model_thread_free.wait)  # the model thread is busy
         queued = [
             asyncio.create_task(recommender.recommend(UserRecord.unknown(u), int(time.time()), 5, set()))
             for u in (1, 2)
@@ -221,7 +223,7 @@ def test_recommender_sheds_beyond_its_queue_budget_with_the_cold_answer(bundle_a
         results = await asyncio.gather(*queued)
         assert all(len(result.item_ids) == 5 for result in results)
         assert recommender.pending == 0
-        assert recommender.service_seconds < 0.9  # moved towards the real (millisecond) cost
+        assert recommender.batcher.batch_seconds < 0.9  # moved towards the real (millisecond) cost
         recommender.close()
 
     asyncio.run(scenario())
@@ -241,7 +243,7 @@ def test_overloaded_service_answers_degraded_instead_of_queueing(
     with live_server(settings) as server:
         recommender = server.app.state.coldwarm.recommender
         model_thread_free = threading.Event()
-        recommender._executor.submit(model_thread_free.wait)
+        recommender.batcher.executor.submit(model_thread_free.wait)
         first: list[httpx.Response] = []
         waiting = threading.Thread(
             target=lambda: first.append(httpx.post(f"{server.url}/recommend", json={"user_id": 1, "k": 5}))
@@ -272,7 +274,7 @@ def test_an_approximate_index_that_runs_short_falls_back_to_exact_search(bundle_
     exact ranking's."""
     item_ids = bundle_a.artifacts.items.item_ids
     ivf = build_index(bundle_a.vectors, item_ids, IndexSettings(type="ivf", nlist=4, nprobe=1))
-    short = dataclasses.replace(bundle_a, index=ivf)
+    short = dataclasses.replace(bundle_a, index=ivf, searcher=FaissSearch(ivf))
     record, now, k = UserRecord.unknown(0), int(time.time()), len(item_ids) - 5
     _, reached = search(ivf, embed_user(short, record, now)[0], k)
     assert (reached[0] < 0).any(), "the IVF index was meant to run short"

@@ -44,7 +44,9 @@ async def reload(
         state.metrics.reloads.labels("refused").inc()
         raise HTTPException(422, f"reload refused, still serving the previous version: {error}") from error
     state.metrics.reloads.labels("ok").inc()
-    state.metrics.set_versions(bundle.model_version, bundle.index_version, bundle.n_items)
+    state.metrics.set_versions(
+        bundle.model_version, bundle.index_version, bundle.n_items, bundle.searcher.name, bundle.device
+    )
     return ReloadResponse(
         model_version=bundle.model_version, index_version=bundle.index_version, n_items=bundle.n_items
     )

@@ -33,6 +33,9 @@ async def readyz(state: State) -> JSONResponse:
         "model_version": bundle.model_version if bundle else None,
         "index_version": bundle.index_version if bundle else None,
         "n_items": bundle.n_items if bundle else 0,
+        "search_backend": bundle.searcher.name if bundle else None,
+        "device": bundle.device if bundle else None,
+        "batching": {"max_batch": recommender.batcher.max_batch, "wait_us": recommender.batcher.wait_s * 1e6},
     }
     return JSONResponse(body, status_code=200 if ready else 503)
 
