@@ -171,10 +171,14 @@ def write_index(index: faiss.Index, path: Path) -> None:
 
 
 def read_index(path: Path, settings: IndexSettings) -> faiss.Index:
+    """The index at ``path``, memory-mapped when ``settings.mmap`` (read-only: never add to it)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no index file")
-    index = faiss.read_index(str(path))
+    # IO_FLAG_MMAP_IFC maps the codes of flat (IndexFlatCodes) and HNSW indexes and the inverted lists
+    # of IVF ones: several processes serving one file share its pages instead of each holding a copy.
+    flags = faiss.IO_FLAG_MMAP_IFC if settings.mmap else 0
+    index = faiss.read_index(str(path), flags)
     apply_search_params(index, settings)
     return index
 

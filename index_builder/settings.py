@@ -28,6 +28,11 @@ class IndexSettings(BaseSettings):
     ef_search: int = Field(
         128, ge=1, description="HNSW search breadth; keep it >= k (below k, recall drops fast)"
     )
+    mmap: bool = Field(
+        True,
+        description="memory-map the index file when serving (FAISS's IO_FLAG_MMAP_IFC: flat, IVF and HNSW "
+        "codes stay in the page cache), so that the workers of one machine share its pages",
+    )
     use_gpu: bool = Field(True, description="build IVF on the GPU when this FAISS build has one and sees one")
     search_backend: Literal["auto", "faiss", "torch"] = Field(
         "auto",

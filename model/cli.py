@@ -395,10 +395,22 @@ def serve(
         str | None,
         typer.Option(help="preload the in-process store from this source (only without COLDWARM_REDIS_URL)"),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="server processes sharing the port (each with its own model thread; the index file is "
+            "memory-mapped, so its pages are shared); more than 1 needs COLDWARM_REDIS_URL",
+        ),
+    ] = 1,
 ) -> None:
-    """Serve POST /recommend, /events, /users, /healthz, /readyz, /metrics and /admin/reload."""
+    """Serve POST /recommend, /recommend/batch, /events, /users, /healthz, /readyz, /metrics and
+    /admin/reload."""
     setup_logging()
-    serve_app(host, port, data)
+    if workers > 1:
+        serve_workers(host, port, workers, data)
+    else:
+        serve_app(host, port, data)
 
 
 def load_features_for_serving(loaded: InteractionData, settings: Settings) -> None:
@@ -428,6 +440,23 @@ def load_into_redis(loaded: InteractionData, settings: Settings) -> None:
     finally:
         client.close()
     log.info("loaded %d users, %d actions into Redis in %.1fs", stats.users, stats.actions, stats.seconds)
+
+
+def serve_workers(host: str, port: int, workers: int, data: str | None) -> None:
+    """Several uvicorn worker processes, each building its app from the environment."""
+    import uvicorn
+
+    from service.settings import ServiceSettings
+
+    if not ServiceSettings().redis_url:
+        # Each process would hold its own in-process store: events sent to one worker would be
+        # invisible to the others.
+        raise fail("--workers > 1 needs a shared feature store: set COLDWARM_REDIS_URL")
+    if data:
+        raise fail("--data preloads the in-process store; with --workers > 1 load Redis with load-features")
+    uvicorn.run(
+        "service.app:app_factory", factory=True, host=host, port=port, workers=workers, log_level="info"
+    )
 
 
 def serve_app(host: str, port: int, data: str | None, preloaded: InteractionData | None = None) -> None:

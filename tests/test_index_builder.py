@@ -149,18 +149,28 @@ def test_approximate_indexes_reach_recall_0_9(clustered, settings: IndexSettings
     assert recall_at_k(approx, exact, 100) >= 0.9
 
 
+def mapped_paths() -> set[str]:
+    """Files this process has memory-mapped (Linux)."""
+    lines = Path("/proc/self/maps").read_text().splitlines()
+    return {line.split(maxsplit=5)[5] for line in lines if len(line.split(maxsplit=5)) == 6}
+
+
+@pytest.mark.parametrize("mmap", [True, False], ids=["mmap", "read"])
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
-def test_write_read_round_trip_gives_identical_results(tmp_path: Path, kind: str) -> None:
+def test_write_read_round_trip_gives_identical_results(tmp_path: Path, kind: str, mmap: bool) -> None:
     embeddings, bias, ids = random_items(3_000, 16)
     vectors = fold_bias(embeddings, bias, 10.0)
-    settings = IndexSettings(type=kind, **FAST_HNSW)
+    settings = IndexSettings(type=kind, mmap=mmap, **FAST_HNSW)
     queries = synthetic_queries(vectors, 50, seed=3)
     index = build_index(vectors, ids, settings)
-    write_index(index, tmp_path / "x" / INDEX_FILE)
-    again = read_index(tmp_path / "x" / INDEX_FILE, settings)
+    path = tmp_path / "x" / INDEX_FILE
+    write_index(index, path)
+    again = read_index(path, settings)
     assert isinstance(again, faiss.IndexIDMap2) and again.ntotal == len(ids)
     for got, want in zip(search(again, queries, 20), search(index, queries, 20), strict=True):
         np.testing.assert_array_equal(got, want)
+    # Memory-mapped, the index's codes are the file's pages (shared by every process serving it).
+    assert (str(path.resolve()) in mapped_paths()) is mmap
 
 
 def inner(index: faiss.Index) -> faiss.Index:

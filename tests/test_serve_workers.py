@@ -1,0 +1,139 @@
+"""``coldwarm serve --workers 2`` as an operator runs it: two worker processes behind one port, over
+the real Redis and the test artifacts. Both answer; a write through one is read through the other (the
+store is shared); each maps the index file instead of copying it; without Redis it refuses to start."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from index_builder.build import INDEX_FILE, resolve_index_dir
+
+pytest.register_assert_rewrite("service_fixtures")
+from service_fixtures import REDIS_URL, ServingArtifacts, load_users  # noqa: E402
+
+pytest_plugins = ["service_fixtures"]
+
+WORKERS = 2
+STARTUP_S = 120
+
+
+def coldwarm_command() -> list[str]:
+    script = shutil.which("coldwarm")
+    return [script] if script else [sys.executable, "-m", "model.cli"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def children(pid: int) -> list[int]:
+    """The worker processes of a uvicorn supervisor (multiprocessing spawns them; its resource tracker
+    is a child too, and is not a worker)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline:
+                found.append(int(child))
+    return found
+
+
+def serving_env(artifacts: ServingArtifacts, key_prefix: str, redis_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COLDWARM_")}
+    env.update(COLDWARM_ARTIFACTS_DIR=str(artifacts.root), COLDWARM_KEY_PREFIX=key_prefix)
+    if redis_url:
+        env["COLDWARM_REDIS_URL"] = redis_url
+    return env
+
+
+@pytest.fixture()
+def workers(
+    serving_artifacts: ServingArtifacts, redis_client: redis.Redis, key_prefix: str, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    load_users(redis_client, key_prefix, serving_artifacts)
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    command = [*coldwarm_command(), "serve", "--port", str(port), "--workers", str(WORKERS)]
+    process = subprocess.Popen(
+        command,
+        env=serving_env(serving_artifacts, key_prefix, REDIS_URL),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while len(children(process.pid)) < WORKERS or not all_ready(url):
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-5000:]
+            assert time.monotonic() < deadline, "the workers did not become ready"
+            time.sleep(0.25)
+        yield process, url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+        log.close()
+
+
+def all_ready(url: str) -> bool:
+    """Ready answers on fresh connections: with two workers, each has loaded the model by then."""
+    try:
+        return all(httpx.get(f"{url}/readyz", timeout=5).status_code == 200 for _ in range(2 * WORKERS))
+    except httpx.TransportError:
+        return False
+
+
+def test_two_workers_answer_share_the_store_and_map_the_index(
+    workers: tuple[subprocess.Popen[str], str], serving_artifacts: ServingArtifacts
+) -> None:
+    process, url = workers
+    pids = children(process.pid)
+    assert len(pids) == WORKERS
+    user = int(serving_artifacts.split.test[0])
+    item = int(serving_artifacts.catalog[0])
+    for attempt in range(20):
+        # A fresh connection per request: the kernel spreads them over the workers' shared socket.
+        response = httpx.post(f"{url}/recommend", json={"user_id": user, "k": 5}, timeout=30)
+        assert response.status_code == 200 and response.json()["degraded"] is False
+        write = httpx.post(
+            f"{url}/events", json={"user_id": 10**12 + attempt, "item_id": item, "timestamp": 1_000_000}
+        )
+        assert write.status_code == 200, write.text
+        for _ in range(3):  # read back on whichever worker answers: the store is Redis, not the process
+            seen = httpx.get(f"{url}/users/{10**12 + attempt}").json()
+            assert seen["interaction_count"] == 1 and seen["recent_items"] == [item]
+    index_file = str((resolve_index_dir(serving_artifacts.root) / INDEX_FILE).resolve())
+    for pid in pids:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert index_file in maps, f"worker {pid} holds a copy of the index instead of mapping it"
+
+
+def test_more_than_one_worker_needs_redis(serving_artifacts: ServingArtifacts, key_prefix: str) -> None:
+    result = subprocess.run(
+        [*coldwarm_command(), "serve", "--port", str(free_port()), "--workers", "2"],
+        env=serving_env(serving_artifacts, key_prefix, None),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "COLDWARM_REDIS_URL" in result.stdout + result.stderr
