@@ -6,7 +6,7 @@ evaluated on the validation points by the protocol's own code: Recall@50 / NDCG@
 the gate's mean cold weight. The test users are not touched: choices are made here, and the test
 figures (bench/offline_quality.py) are reported once, for what was chosen.
 
-Run: python bench/model_choices.py [--data-dir ../shared/data/ml-1m-first2999] [--variants a,b|all]
+Run: python bench/model_choices.py [--data-dir ../shared/data/ml-1m-first2999] [--variants "a;b"|all]
 Writes bench/results/model_choices.json and .md; a run with --variants keeps the other variants' rows.
 """
 
@@ -22,9 +22,10 @@ from typing import Any
 from model.cli import build_context, setup_logging
 from model.data.loading import load_dataset
 from model.evaluation.protocol import evaluate, gate_cold_means
+from model.experiments import train_variant
 from model.ranker import ModelRanker
 from model.settings import Settings
-from model.train import TrainingContext, fit_cold_warm_net, set_torch_threads
+from model.train import TrainingContext, set_torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-1m-first2999"
@@ -43,22 +44,32 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "mean pooling, item-tower inputs": ({"warm_pooling": "mean", "warm_item_inputs": "item_tower"}, {}),
     "attention pooling, item-tower inputs": ({"warm_item_inputs": "item_tower"}, {}),
     "attention pooling, 2 blocks": ({"warm_attention_blocks": 2}, {}),
+    "attention pooling, action skip": ({"warm_action_skip": True}, {}),
+    "attention pooling, item-tower inputs, action skip": (
+        {"warm_item_inputs": "item_tower", "warm_action_skip": True},
+        {},
+    ),
     "DKD on cold-start samples": ({"use_dkd": True, "dkd_scope": "cold_start"}, {}),
     "early stopping on all users' NDCG@50": ({}, {"validation_group": "all", "validation_metric": "ndcg@50"}),
 }
+# Baselines measured beside the variants on the same validation users, trained with their own recipe
+# (model/experiments.py), so a variant is judged against what it must beat, not only against itself.
+REFERENCES: dict[str, str] = {"SASRec (baseline)": "sasrec", "YouTubeDNN (baseline)": "youtube_dnn"}
 
 
 def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str, Any]:
-    model_override, train_override = VARIANTS[name]
+    model_override, train_override = VARIANTS.get(name, ({}, {}))
     model_config = settings.model.model_copy(update=model_override)
     train_config = settings.train.model_copy(update=train_override)
-    trained = fit_cold_warm_net(context, model_config, train_config, "cold_warm_net", progress=False)
+    trained_name = REFERENCES.get(name, "cold_warm_net")
+    trained = train_variant(trained_name, context, model_config, train_config, None, progress=False)
     data, points = context.data, context.validation_points
     catalog = data.catalog_item_ids()
     ranker = ModelRanker(name, trained.net, context.encoder, data.users, catalog)
     result = evaluate(ranker, points, catalog, progress=False)
     best = max(trained.epochs, key=lambda e: e.get("validation", 0.0))
     row = {
+        "trained": trained_name,
         "model": model_override,
         "train": train_override,
         "groups": {
@@ -94,19 +105,22 @@ def markdown(rows: dict[str, dict[str, Any]], dataset: str, seed: int) -> str:
 
 
 def chosen_variants(text: str) -> list[str]:
+    known = [*VARIANTS, *REFERENCES]
     if text == "all":
-        return list(VARIANTS)
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+        return known
+    names = [n.strip() for n in text.split(";") if n.strip()]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {known}")
     return names
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--variants", default="all", help="comma-separated names of VARIANTS, or 'all'")
+    parser.add_argument(
+        "--variants", default="all", help="semicolon-separated names of VARIANTS or REFERENCES, or all"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "model_choices")
     args = parser.parse_args()
     names = chosen_variants(args.variants)
@@ -117,7 +131,11 @@ def main() -> None:
     context = build_context(data, settings)
     json_path = args.out.with_suffix(".json")
     previous = json.loads(json_path.read_text()) if json_path.exists() else {}
-    rows = {name: row for name, row in previous.get("variants", {}).items() if name in VARIANTS}
+    rows = {
+        name: row
+        for name, row in previous.get("variants", {}).items()
+        if name in VARIANTS or name in REFERENCES
+    }
     for name in names:
         started = time.perf_counter()
         rows[name] = measure(name, context, settings)

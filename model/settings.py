@@ -71,6 +71,11 @@ class ModelConfig(BaseModel):
         "not only the gate: what a user in their first session picks differs from what the same "
         "profile picks later, and the additive biases cannot say so",
     )
+    warm_action_skip: bool = Field(
+        False,
+        description="the warm expert's output also adds the pooling's newest reading of the history "
+        "directly (a residual past its MLPs), so the sequence signal reaches e_warm as SASRec's does",
+    )
     dkd_scope: Literal["all", "cold_start"] = Field(
         "all", description="samples DKD may distil: every sample, or only those with a cold-start history"
     )

@@ -433,3 +433,17 @@ def test_history_balance_weights_give_each_history_length_its_share() -> None:
     assert float(balanced.mean()) == pytest.approx(1.0)
     totals = [float(balanced[rows].sum()) for rows in ([0], [1, 2], [3, 4, 5])]
     assert totals == pytest.approx([2.0, 2.0, 2.0])  # every length the same total weight
+
+
+def test_the_warm_action_skip_adds_the_newest_reading_past_the_mlps() -> None:
+    from model.nn.experts import WarmExpert
+
+    torch.manual_seed(0)
+    dim, hidden, profile_dim = 8, 16, 6
+    attention = GroupAttention(4, dim)
+    plain = WarmExpert(profile_dim, 2 * dim, dim, hidden, attention, True)
+    skipping = WarmExpert(profile_dim, 2 * dim, dim, hidden, attention, True, action_skip=True)
+    skipping.load_state_dict(plain.state_dict())
+    profile, actions = torch.randn(3, profile_dim), torch.randn(3, 2 * dim)
+    # The last d action features are the pooling's newest reading (attention output / recent mean).
+    torch.testing.assert_close(skipping(profile, actions), plain(profile, actions) + actions[:, dim:])

@@ -79,7 +79,15 @@ class UserTower(nn.Module):
         self.pooling = action_pooling(encoder.config.max_history, config)
         self.attention = GroupAttention(config.n_user_groups, dim)
         self.cold = ColdExpert(user_dim, dim, hidden, self.attention, config.use_group_attention)
-        self.warm = WarmExpert(user_dim, 2 * dim, dim, hidden, self.attention, config.use_group_attention)
+        self.warm = WarmExpert(
+            user_dim,
+            2 * dim,
+            dim,
+            hidden,
+            self.attention,
+            config.use_group_attention,
+            config.warm_action_skip,
+        )
         self.gate = StateGate(
             encoder.state_cardinalities(), feature, hidden, config.use_cold_expert, config.use_warm_expert
         )

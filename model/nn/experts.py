@@ -86,9 +86,12 @@ class WarmExpert(nn.Module):
         hidden_dim: int,
         attention: GroupAttention,
         use_attention: bool,
+        action_skip: bool = False,
     ) -> None:
         super().__init__()
         self.trunk = mlp(profile_dim + action_dim, hidden_dim, dim)
+        self.dim = dim
+        self.action_skip = action_skip
         self.attention = attention
         self.use_attention = use_attention
         self.head = mlp(2 * dim, hidden_dim, dim)
@@ -96,4 +99,9 @@ class WarmExpert(nn.Module):
     def forward(self, profile_features: torch.Tensor, action_features: torch.Tensor) -> torch.Tensor:
         e_ut = self.trunk(torch.cat([profile_features, action_features], dim=1))
         attended = self.attention(e_ut) if self.use_attention else torch.zeros_like(e_ut)
-        return self.head(torch.cat([e_ut, attended], dim=1))
+        e_warm = self.head(torch.cat([e_ut, attended], dim=1))
+        if self.action_skip:
+            # The pooling's last d features are its newest reading of the history (attention output or
+            # recency-weighted mean): added past the MLPs, they are not squeezed through the profile's trunk.
+            e_warm = e_warm + action_features[:, -self.dim :]
+        return e_warm
