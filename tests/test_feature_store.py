@@ -509,13 +509,61 @@ def test_malformed_stored_fields_do_not_raise(redis_client: redis.Redis, layout:
     assert after.actions[0] == 41
 
 
+@pytest.mark.parametrize("decode_responses", [False, True], ids=["bytes", "str"])
+def test_stored_values_parse_by_one_rule_for_bytes_and_str_clients(
+    redis_client: redis.Redis, layout: KeyLayout, decode_responses: bool
+) -> None:
+    """Lists of plain digits are converted in one go; any other entry is checked alone, by the rule of
+    the Lua script (-?[0-9]+), whether the client returns bytes or decoded strings."""
+    data = tiny_data()
+    bulk_load(redis_client, layout, data, cap=CAP, progress=False)
+    huge = "9" * 5_000  # more digits than int() converts by default
+    redis_client.rpush(layout.actions_key(15), "12", "", "40")
+    redis_client.rpush(layout.actions_key(16), "12", "\u0663", "40")  # an Arabic-Indic 3: not [0-9]
+    redis_client.rpush(layout.actions_key(17), "12", huge, "+5", "007", "-0")
+    redis_client.hset(layout.user_key(17), mapping={"count": huge, "first_ts": "-5", "last_ts": "\u0663"})
+    # No record fields at all (only event ids; only an empty profile value): still a known user.
+    redis_client.hset(layout.user_key(18), mapping={"event_ids": "a b"})
+    redis_client.hset(layout.user_key(20), mapping={"gender": ""})
+    redis_client.rpush(layout.actions_key(19), "\u0663")  # an unreadable entry still makes a known user
+
+    async def scenario() -> tuple[list[UserRecord], UserRecord]:
+        client = aredis.Redis(host=REDIS_HOST, port=REDIS_PORT, decode_responses=decode_responses)
+        try:
+            store = RedisFeatureStore(client, layout, cap=CAP, timeout_s=5.0)
+            records = await store.get_users([15, 16, 17, 18, 19, 20, 1, 2, 3])
+            return records, await store.record_event(2, 301, 5_001)  # the script's flat-list reply
+        finally:
+            await client.aclose()
+
+    records, event = asyncio.run(scenario())
+    odd, loaded = records[:6], records[6:]
+    assert [r.actions for r in odd] == [[12, 40], [12, 40], [12, 7, 0], [], [], []]
+    assert (odd[2].count, odd[2].first_ts, odd[2].last_ts) == (0, -5, None)
+    assert odd[3:] == [UserRecord(u, found=True) for u in (18, 19, 20)]
+    assert loaded == records_from_interactions(data, [1, 2, 3], cap=CAP)
+    assert event == UserRecord(
+        2, {"gender": "M", "occupation": "7", "zip_code": "02139"}, [301, 300], 2, 5_000, 5_001, True
+    )
+
+
+def test_get_users_answers_in_the_order_asked(backend: Backend) -> None:
+    data = tiny_data()
+    backend.load(data)
+    asked = [3, 99, 1, 3, np.int64(2)]  # an unknown user, a repeated one, a numpy integer
+    got = backend.run(lambda store: store.get_users(asked))
+    assert got == records_from_interactions(data, [3, 99, 1, 3, 2], cap=CAP)
+    assert [r.user_id for r in got] == [3, 99, 1, 3, 2] and not got[1].found
+    assert backend.run(lambda store: store.get_users([])) == []
+
+
 def test_unreachable_redis_raises_within_the_timeout() -> None:
     timeout_s = 0.15
 
-    async def attempt(port: int) -> list[float]:
+    async def attempt(port: int) -> tuple[list[float], list[tuple[str, str]]]:
         client = aredis.Redis(host=REDIS_HOST, port=port)
         store = RedisFeatureStore(client, KeyLayout(), cap=CAP, timeout_s=timeout_s)
-        elapsed = []
+        elapsed, failures = [], []
         calls: list[Callable[[], Awaitable[object]]] = [
             lambda: store.get_users([1]),
             lambda: store.record_event(1, 2, 3),
@@ -523,14 +571,15 @@ def test_unreachable_redis_raises_within_the_timeout() -> None:
         ]
         for call in calls:
             started = time.perf_counter()
-            with pytest.raises(FeatureStoreError):
+            with pytest.raises(FeatureStoreError) as caught:
                 await call()
             elapsed.append(time.perf_counter() - started)
+            failures.append((str(caught.value).split(":")[0], caught.value.reason))
         assert await store.ping() is False
         await client.aclose()
-        return elapsed
+        return elapsed, failures
 
-    async def silent_server() -> list[float]:
+    async def silent_server() -> tuple[list[float], list[tuple[str, str]]]:
         # Accepts connections and never answers: only the timeout can end the call. The writers are
         # kept so that no connection is closed by garbage collection.
         writers: list[asyncio.StreamWriter] = []
@@ -542,8 +591,14 @@ def test_unreachable_redis_raises_within_the_timeout() -> None:
                 writer.close()
             server.close()
 
-    for elapsed in (asyncio.run(attempt(1)), asyncio.run(silent_server())):
-        assert max(elapsed) < timeout_s + 0.5, elapsed
+    operations = ["get_users", "record_event", "put_profile"]
+    # redis-py's default retry backs off on a refused connection, so there either reason may come first.
+    elapsed, failures = asyncio.run(attempt(1))
+    assert max(elapsed) < timeout_s + 0.5, elapsed
+    assert [operation for operation, _ in failures] == operations
+    elapsed, failures = asyncio.run(silent_server())
+    assert max(elapsed) < timeout_s + 0.5, elapsed
+    assert failures == [(operation, "timeout") for operation in operations]
 
 
 def test_exhausted_connection_pool_raises_feature_store_error(layout: KeyLayout) -> None:
@@ -568,8 +623,12 @@ def test_create_client_fails_fast_and_survives_a_dropped_connection(
         client = create_client(f"redis://{REDIS_HOST}:1/0", timeout_s=2.0)
         store = RedisFeatureStore(client, layout, cap=CAP, timeout_s=2.0)
         started = time.perf_counter()
-        with pytest.raises(FeatureStoreError, match="ConnectionError"):
+        with pytest.raises(FeatureStoreError, match="ConnectionError") as caught:
             await store.get_users([1])
+        assert caught.value.reason == "unavailable"
+        with pytest.raises(FeatureStoreError, match="^record_event: ConnectionError") as caught:
+            await store.record_event(1, 2, 3)
+        assert caught.value.reason == "unavailable"
         await client.aclose()
         return time.perf_counter() - started
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -36,6 +35,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 0.1
 
 _INTEGER = re.compile(r"-?[0-9]+")
+# The hash fields a record reads, as (name, name as redis-py returns it without decoding).
+_PROFILE_KEYS = tuple((name, name.encode()) for name in PROFILE_FIELDS)
+_COUNT, _FIRST_TS, _LAST_TS = (name.encode() for name in ("count", "first_ts", "last_ts"))
+
+T = TypeVar("T")
 
 # KEYS[1] user hash, KEYS[2] actions list; ARGV[1] item id, ARGV[2] timestamp, ARGV[3] cap, ARGV[4] event
 # id ("" for none), ARGV[5] event ids kept. One script, so a concurrent reader or writer never sees the
@@ -137,20 +141,23 @@ class RedisFeatureStore:
         """Records in the order asked, unknown users as ``UserRecord.unknown``; one round trip."""
         if not len(user_ids):
             return []
-        keys = [(self.layout.user_key(u), self.layout.actions_key(u)) for u in user_ids]
+        ids = [as_user_id(u) for u in user_ids]
+        replies = await self._bounded("get_users", self._read(ids))
+        return [
+            parse_record(user_id, replies[2 * row], replies[2 * row + 1]) for row, user_id in enumerate(ids)
+        ]
+
+    async def _read(self, user_ids: list[int]) -> list[Any]:
+        layout, last = self.layout, self.cap - 1
         # MULTI/EXEC: a user's hash and list are read at one instant, never across a concurrent event
         # (the record_event script is atomic, but two separate reads could straddle it).
-        async with self._guard("get_users"), self.client.pipeline(transaction=True) as pipe:
-            for user_key, actions_key in keys:
-                pipe.hgetall(user_key)
-                pipe.lrange(actions_key, 0, self.cap - 1)
+        async with self.client.pipeline(transaction=True) as pipe:
+            for user_id in user_ids:
+                pipe.hgetall(layout.user_key(user_id))
+                pipe.lrange(layout.actions_key(user_id), 0, last)
             # Per-command errors (a key of the wrong type) come back as values, so one damaged
             # user does not fail the whole batch; lost connections still raise.
-            replies = await pipe.execute(raise_on_error=False)
-        return [
-            parse_record(as_user_id(user_id), replies[2 * row], replies[2 * row + 1])
-            for row, user_id in enumerate(user_ids)
-        ]
+            return await pipe.execute(raise_on_error=False)
 
     async def record_event(
         self, user_id: int, item_id: int, timestamp: int, event_id: str | None = None
@@ -159,8 +166,7 @@ class RedisFeatureStore:
         user_id, item_id, timestamp = check_event(user_id, item_id, timestamp)
         args = [item_id, timestamp, self.cap, check_event_id(event_id), EVENT_IDS_KEPT]
         keys = [self.layout.user_key(user_id), self.layout.actions_key(user_id)]
-        async with self._guard("record_event"):
-            fields, actions = await self._record_event(keys=keys, args=args)
+        fields, actions = await self._bounded("record_event", self._record_event(keys=keys, args=args))
         return parse_record(user_id, fields, actions)
 
     async def put_profile(self, user_id: int, fields: Mapping[str, str]) -> None:
@@ -169,22 +175,24 @@ class RedisFeatureStore:
         if not profile:
             return
         key = self.layout.user_key(user_id)
-        async with self._guard("put_profile"):
-            await self.client.hset(key, mapping=profile)
+        await self._bounded("put_profile", self.client.hset(key, mapping=profile))
 
     async def ping(self) -> bool:
         """True when Redis answers within the timeout; never raises, for health checks."""
         try:
-            async with self._guard("ping"):
-                return bool(await self.client.ping())
+            return bool(await self._bounded("ping", self.client.ping()))
         except FeatureStoreError:
             return False
 
-    @asynccontextmanager
-    async def _guard(self, operation: str) -> AsyncIterator[None]:
+    async def _bounded(self, operation: str, call: Coroutine[Any, Any, T]) -> T:
+        """Awaits ``call`` within ``timeout_s``, any failure to talk to Redis as a FeatureStoreError.
+
+        A plain coroutine rather than an ``@asynccontextmanager``: that one's generator cost a few µs
+        per read, a sizeable share of a single-user read (bench/store_read.py).
+        """
         try:
             async with asyncio.timeout(self.timeout_s):
-                yield
+                return await call
         # TimeoutError first: it is also an OSError.
         except TimeoutError as exc:
             raise FeatureStoreError(
@@ -195,46 +203,80 @@ class RedisFeatureStore:
 
 
 def parse_record(user_id: int, fields: Any, actions: Any) -> UserRecord:
-    """A record from HGETALL and LRANGE replies (dict or flat list, bytes or str, or an error)."""
+    """A record from HGETALL and LRANGE replies (dict or flat list, bytes or str, or an error).
+
+    Only the fields a record holds are decoded, and an all-digit actions list (the usual one) is
+    converted in one go; anything else takes the per-value path, with the same rules.
+    """
     mapping = _as_mapping(user_id, fields)
     items = _as_list(user_id, actions)
     if not mapping and not items:
         return UserRecord.unknown(user_id)
-    profile = {name: mapping[name] for name in PROFILE_FIELDS if mapping.get(name)}
-    count = _as_int(mapping.get("count"))
+    if mapping and type(next(iter(mapping))) is bytes:
+        get = mapping.get
+        profile = {}
+        for name, raw_name in _PROFILE_KEYS:
+            value = get(raw_name)
+            if value is not None and (text := _as_text(value)):
+                profile[name] = text
+        count, first_ts, last_ts = _as_int(get(_COUNT)), _as_int(get(_FIRST_TS)), _as_int(get(_LAST_TS))
+    else:
+        text = {_as_text(key): value for key, value in mapping.items()}
+        profile = {name: _as_text(text[name]) for name in PROFILE_FIELDS if _as_text(text.get(name, ""))}
+        count, first_ts, last_ts = (_as_int(text.get(name)) for name in ("count", "first_ts", "last_ts"))
     return UserRecord(
         user_id=user_id,
         profile=profile,
-        actions=[item for item in (_as_int(raw) for raw in items) if item is not None and item >= 0],
+        actions=_as_actions(items),
         count=count if count is not None and count >= 0 else 0,
-        first_ts=_as_int(mapping.get("first_ts")),
-        last_ts=_as_int(mapping.get("last_ts")),
+        first_ts=first_ts,
+        last_ts=last_ts,
         found=True,
     )
 
 
-def _as_mapping(user_id: int, reply: Any) -> dict[str, str]:
+def _as_mapping(user_id: int, reply: Any) -> dict[Any, Any]:
+    """The hash as returned (keys and values not decoded), or {} when unreadable."""
+    if isinstance(reply, dict):
+        return reply
+    if isinstance(reply, list | tuple):  # HGETALL inside a script replies with a flat list
+        return dict(zip(reply[::2], reply[1::2], strict=False))
     if isinstance(reply, Exception):
         logger.warning("user %s: unreadable user hash, treated as missing: %s", user_id, reply)
-        return {}
-    if isinstance(reply, dict):
-        pairs = list(reply.items())
-    elif isinstance(reply, list | tuple):  # HGETALL inside a script replies with a flat list
-        pairs = list(zip(reply[::2], reply[1::2], strict=False))
     else:
         logger.warning("user %s: unexpected user hash reply %r, treated as missing", user_id, reply)
-        return {}
-    return {_as_text(key): _as_text(value) for key, value in pairs}
+    return {}
 
 
-def _as_list(user_id: int, reply: Any) -> list[str]:
+def _as_list(user_id: int, reply: Any) -> list[Any] | tuple[Any, ...]:
+    if isinstance(reply, list | tuple):
+        return reply
     if isinstance(reply, Exception):
         logger.warning("user %s: unreadable actions list, treated as empty: %s", user_id, reply)
-        return []
-    if not isinstance(reply, list | tuple):
+    else:
         logger.warning("user %s: unexpected actions reply %r, treated as empty", user_id, reply)
+    return []
+
+
+def _as_actions(items: list[Any] | tuple[Any, ...]) -> list[int]:
+    """Item ids of the list's well-formed, non-negative entries, in order."""
+    if not items:
         return []
-    return [_as_text(value) for value in reply]
+    try:
+        joined: bytes | str = b"".join(items)
+    except TypeError:
+        try:  # a client that decodes responses
+            joined = "".join(items)
+        except TypeError:
+            joined = ""
+    # Only ASCII digits (str.isdigit alone accepts other scripts' digits): every entry is a
+    # non-negative integer, unless one is empty or too long for int().
+    if joined.isascii() and joined.isdigit():
+        try:
+            return list(map(int, items))
+        except (ValueError, TypeError):
+            pass
+    return [item for item in (_as_int(raw) for raw in items) if item is not None and item >= 0]
 
 
 def _as_text(value: Any) -> str:
@@ -242,8 +284,15 @@ def _as_text(value: Any) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _as_int(value: str | None) -> int | None:
+def _as_int(value: Any) -> int | None:
     """An integer field, or None when absent or malformed (same rule as the Lua script's)."""
-    if value is None or not _INTEGER.fullmatch(value):
+    if value is None:
         return None
-    return int(value)
+    if type(value) is not bytes or not value.isdigit():  # bytes.isdigit: ASCII digits only
+        value = _as_text(value)
+        if not _INTEGER.fullmatch(value):
+            return None
+    try:
+        return int(value)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+        return None
