@@ -434,6 +434,9 @@ def test_gpu_profile() -> None:
     assert volume_mounts(api, {}) == [(trainer_volume, artifacts, "ro")]
     assert trainer_volume != "artifacts"
     assert [interpolate(p, {}) for p in api["ports"]] == ["8001:8000"]
+    # The GPU api runs the tower and the search on the GPU, and says so if it cannot.
+    assert environment(api)["COLDWARM_DEVICE"] == "cuda"
+    assert "COLDWARM_DEVICE" not in environment(declared["api"])
 
 
 def test_named_volumes() -> None:
