@@ -12,13 +12,15 @@ Layout of one version directory (the version is a hash of its content)::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +29,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.compiled_tower import (
+    Tower,
+    compatible,
+    compile_user_tower,
+    compiled_tower_file,
+    compiler_available,
+    example_inputs,
+    load_compiled_tower,
+    max_difference,
+)
 from model.data.loading import is_synthetic_source, load_dataset
 from model.data.schema import InteractionData
 from model.features import EncodedUsers, FeatureEncoder
 
+log = logging.getLogger(__name__)
+
 USER_TOWER_FILE = "user_tower.pt"
+# The compiled package must compute what TorchScript computes (the issue's parity bound).
+COMPILED_TOLERANCE = 1e-5
 ITEMS_FILE = "items.npz"
 FEATURES_FILE = "features.json"
 MANIFEST_FILE = "manifest.json"
@@ -65,6 +81,13 @@ class Artifacts:
     encoder: FeatureEncoder
     # Where the tower runs (map_location at load); its outputs stay there, for a search on that device.
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The AOTInductor package of the tower for this device, when the artifacts have one that loads here
+    # and computes what the TorchScript tower computes (model/compiled_tower.py); it then runs instead.
+    compiled_tower: Tower | None = None
+
+    @property
+    def tower_format(self) -> str:
+        return "aoti" if self.compiled_tower is not None else "torchscript"
 
     @property
     def version(self) -> str:
@@ -77,8 +100,9 @@ class Artifacts:
     def embed_users(self, encoded: EncodedUsers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(unit embedding (B, d), user bias b_u (B,), gate weights (B, 2) [cold, warm]) of encoded users:
         the exported tower, run the one way the service, the index's recall and the replay all use."""
+        tower = self.compiled_tower or self.user_tower
         with torch.inference_mode():  # cheaper than no_grad: no version counters on the outputs
-            return self.user_tower(
+            return tower(
                 torch.from_numpy(encoded.profile).to(self.device),
                 torch.from_numpy(encoded.history).to(self.device),
                 torch.from_numpy(encoded.state).to(self.device),
@@ -181,10 +205,16 @@ def write_artifacts(
     items: ItemTable,
     encoder: FeatureEncoder,
     manifest: dict[str, Any],
+    compile_for: Sequence[str] = (),
 ) -> Path:
-    """Writes a complete version directory atomically (temp dir, then rename) and points LATEST at it."""
+    """Writes a complete version directory atomically (temp dir, then rename) and points LATEST at it.
+
+    ``compile_for``: device types ("cpu", "cuda") to also compile the tower for (AOTInductor packages,
+    model/compiled_tower.py); the version is the hash of the other files, which compiling does not
+    change."""
     with staging_directory(root) as staging:
         torch.jit.save(torch.jit.script(user_tower), str(staging / USER_TOWER_FILE))
+        compiled = compile_packages(user_tower, encoder, staging, compile_for)
         np.savez(
             staging / ITEMS_FILE,
             item_ids=items.item_ids.astype(np.int64),
@@ -197,12 +227,48 @@ def write_artifacts(
             **manifest,
             "model_version": version,
             "files": {name: file_digest(staging / name) for name in CONTENT_FILES},
+            "compiled_towers": {
+                device: {**record, "sha256": file_digest(staging / record["file"])}
+                for device, record in compiled.items()
+            },
             "created_at": int(time.time()),
             "n_items": len(items.item_ids),
             "embedding_dim": int(items.embeddings.shape[1]),
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(full_manifest, indent=2, sort_keys=True))
         return publish_version(root, staging, version)
+
+
+def tower_example(encoder: FeatureEncoder, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return example_inputs(
+        len(encoder.profile_cardinalities()),
+        len(encoder.state_cardinalities()),
+        encoder.config.max_history,
+        device,
+    )
+
+
+def compile_packages(
+    user_tower: torch.nn.Module, encoder: FeatureEncoder, directory: Path, devices: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """The AOTInductor packages written into ``directory``, by device; a device that cannot be
+    compiled for (no C++ compiler, no GPU) is skipped with a warning: TorchScript always serves."""
+    compiled: dict[str, dict[str, Any]] = {}
+    if not devices:
+        return compiled
+    if not compiler_available():
+        log.warning("no C++ compiler: the user tower is exported as TorchScript only")
+        return compiled
+    for device_type in devices:
+        if device_type == "cuda" and not torch.cuda.is_available():
+            continue
+        device = torch.device(device_type)
+        example = tower_example(encoder, device)
+        tower = copy.deepcopy(user_tower).to(device)
+        compiled[device_type] = compile_user_tower(
+            tower, example, directory / compiled_tower_file(device_type)
+        )
+    return compiled
 
 
 @contextmanager
@@ -265,11 +331,16 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return _read_manifest(resolve_version_dir(path))
 
 
-def load_artifacts(path: Path, map_location: str | torch.device = "cpu") -> Artifacts:
+def load_artifacts(
+    path: Path, map_location: str | torch.device = "cpu", tower_format: str = "torchscript"
+) -> Artifacts:
     """Loads and cross-checks a version directory; any inconsistency is an ArtifactError naming the file.
 
     Content is checked against the manifest *before* anything is deserialised, so a damaged or swapped
     file is refused with its name instead of reaching TorchScript or numpy.
+
+    ``tower_format``: "torchscript"; "auto", the compiled package for the device when there is one that
+    loads and agrees with TorchScript, else TorchScript; "aoti", the package or an ArtifactError.
     """
     directory = resolve_version_dir(path)
     missing = [name for name in ARTIFACT_FILES if not (directory / name).is_file()]
@@ -285,7 +356,34 @@ def load_artifacts(path: Path, map_location: str | torch.device = "cpu") -> Arti
         encoder = FeatureEncoder.load(directory / FEATURES_FILE)
     if len(items.item_ids) != len(items.embeddings) or len(items.item_ids) != len(items.bias):
         raise ArtifactError(f"{directory}: {ITEMS_FILE} arrays disagree in length")
-    return Artifacts(directory, manifest, user_tower, items, encoder, torch.device(map_location))
+    artifacts = Artifacts(directory, manifest, user_tower, items, encoder, torch.device(map_location))
+    if tower_format != "torchscript":
+        artifacts.compiled_tower = _compiled_tower(artifacts, tower_format == "aoti")
+    return artifacts
+
+
+def _compiled_tower(artifacts: Artifacts, required: bool) -> Tower | None:
+    """The artifacts' package for their device, checked against TorchScript on the example inputs."""
+    directory, device = artifacts.directory, artifacts.device
+    record = (artifacts.manifest.get("compiled_towers") or {}).get(device.type)
+    reason = "no compiled tower for this device" if record is None else compatible(record, device)
+    tower: Tower | None = None
+    if reason is None:
+        path = directory / str(record["file"])
+        if not path.is_file() or file_digest(path) != record.get("sha256"):
+            raise ArtifactError(f"{directory}: {path.name} does not match its digest in {MANIFEST_FILE}")
+        with _naming(directory, path.name):
+            tower = load_compiled_tower(path)
+        example = tower_example(artifacts.encoder, device)
+        with torch.inference_mode():
+            difference = max_difference(tower(*example), artifacts.user_tower(*example))
+        if difference > COMPILED_TOLERANCE:
+            reason, tower = f"it differs from TorchScript by {difference:.1e}", None
+    if tower is None:
+        if required:
+            raise ArtifactError(f"{directory}: COLDWARM_TOWER_FORMAT=aoti, but {reason}")
+        log.info("%s: serving the TorchScript tower (%s)", directory.name, reason)
+    return tower
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:

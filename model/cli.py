@@ -34,7 +34,7 @@ from model.data.schema import DataFormatError, InteractionData
 from model.data.split import split_users
 from model.evaluation.report import markdown_table, write_report
 from model.experiments import ALL_MODELS, PRIMARY_MODEL, ExperimentOutcome, check_model_names, run_experiments
-from model.export import export_model
+from model.export import compile_devices, export_model
 from model.features import FeatureEncoder
 from model.settings import Settings
 from model.train import TrainedModel, TrainingContext, fit_cold_warm_net, set_torch_threads
@@ -269,7 +269,13 @@ def export(
     metrics = json.loads(report.read_text())["results"].get(PRIMARY_MODEL, {}) if report.exists() else {}
     source = DataSource.of(settings.data)
     directory = export_model(
-        trained, settings.artifacts_dir, data_fingerprint(loaded), loaded.name, metrics, source
+        trained,
+        settings.artifacts_dir,
+        data_fingerprint(loaded),
+        loaded.name,
+        metrics,
+        source,
+        compile_devices(settings.export),
     )
     log.info("exported %s", directory)
 
@@ -306,7 +312,13 @@ def run(
     metrics = outcome.results[PRIMARY_MODEL].to_dict() if PRIMARY_MODEL in outcome.results else {}
     source = DataSource.of(settings.data, users, items)
     directory = export_model(
-        trained, settings.artifacts_dir, data_fingerprint(loaded), loaded.name, metrics, source
+        trained,
+        settings.artifacts_dir,
+        data_fingerprint(loaded),
+        loaded.name,
+        metrics,
+        source,
+        compile_devices(settings.export),
     )
     log.info("exported %s", directory)
     from index_builder.build import build_index_artifacts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from model.artifacts import DataSource, ItemTable, write_artifacts
+from model.settings import ExportConfig
 from model.train import TrainedModel
 
 
@@ -29,11 +31,13 @@ def export_model(
     dataset: str,
     metrics: dict[str, Any] | None = None,
     data_source: DataSource | None = None,
+    compile_for: Sequence[str] = (),
 ) -> Path:
     """Writes the artifacts of ``trained`` under ``root``; returns the version directory.
 
     ``data_source``: how to load the training data again, so that ``coldwarm build-index`` can measure
-    the index's recall on its users without being told where it is.
+    the index's recall on its users without being told where it is. ``compile_for``: device types to
+    compile the tower for besides TorchScript (``compile_devices``).
     """
     trained.net.eval()
     manifest = {
@@ -49,4 +53,11 @@ def export_model(
         "training": {"epochs": trained.epochs, "seconds": round(trained.seconds, 1)},
         "metrics": metrics or {},
     }
-    return write_artifacts(root, trained.net.user_tower, item_table(trained), trained.encoder, manifest)
+    return write_artifacts(
+        root, trained.net.user_tower, item_table(trained), trained.encoder, manifest, compile_for
+    )
+
+
+def compile_devices(config: ExportConfig) -> tuple[str, ...]:
+    """The devices ``export_model`` compiles for: the CPU and, where present, CUDA (skipped without)."""
+    return ("cpu", "cuda") if config.compiled_tower == "auto" else ()

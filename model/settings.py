@@ -135,6 +135,14 @@ class TrainConfig(BaseModel):
     torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
 
 
+class ExportConfig(BaseModel):
+    compiled_tower: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: also compile the user tower into AOTInductor packages (CPU, and CUDA when "
+        "present) when a C++ compiler is present; servers use them when they match (model/compiled_tower.py)",
+    )
+
+
 class Settings(BaseSettings):
     """Root of the offline job's configuration."""
 
@@ -148,3 +156,4 @@ class Settings(BaseSettings):
     features: FeatureConfig = FeatureConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()

@@ -9,7 +9,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -44,15 +43,18 @@ def make_store(settings: ServiceSettings, cap: int) -> tuple[FeatureStore, str]:
 
 
 async def load_startup_bundle(
-    artifacts_dir: Path, index_settings: IndexSettings, device: str
+    settings: ServiceSettings, index_settings: IndexSettings
 ) -> tuple[ServingBundle | None, str | None]:
     """The bundle to serve, or why there is none: the service then starts but is not ready (/readyz
     says why, /recommend answers 503) until ``/admin/reload`` loads good artifacts. Serving a damaged
     model would be worse than serving nothing, and a process that stays up can be repaired in place."""
     try:
-        return await asyncio.to_thread(load_bundle, artifacts_dir, index_settings, device), None
+        bundle = await asyncio.to_thread(
+            load_bundle, settings.artifacts_dir, index_settings, settings.device, settings.tower_format
+        )
+        return bundle, None
     except (ArtifactError, OSError, ValueError, RuntimeError) as error:
-        log.error("not ready: artifacts at %s refused: %s", artifacts_dir, error)
+        log.error("not ready: artifacts at %s refused: %s", settings.artifacts_dir, error)
         return None, str(error)
 
 
@@ -71,9 +73,7 @@ def create_app(
         index_settings = IndexSettings()
         serving, load_error = bundle, None
         if serving is None:
-            serving, load_error = await load_startup_bundle(
-                settings.artifacts_dir, index_settings, settings.device
-            )
+            serving, load_error = await load_startup_bundle(settings, index_settings)
         cap = serving.artifacts.encoder.config.max_history if serving else settings.history_cap
         feature_store, kind = (store, "given") if store is not None else make_store(settings, cap)
         recommender = Recommender(
@@ -85,6 +85,7 @@ def create_app(
             settings.batch_wait_us,
             on_batch=lambda stats: metrics.batch_size.observe(stats.size),
             device=settings.device,
+            tower_format=settings.tower_format,
         )
         if serving is not None:
             metrics.set_versions(
@@ -93,6 +94,7 @@ def create_app(
                 serving.n_items,
                 serving.searcher.name,
                 serving.device,
+                serving.tower_format,
             )
             log.info(
                 "serving model %s, index %s (%d items)",

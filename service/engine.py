@@ -68,6 +68,11 @@ class ServingBundle:
         """Where the tower runs: "cpu" or "cuda"."""
         return self.artifacts.device.type
 
+    @property
+    def tower_format(self) -> str:
+        """What runs the tower: "aoti" (the compiled package) or "torchscript"."""
+        return self.artifacts.tower_format
+
 
 @dataclass(frozen=True)
 class Recommendation:
@@ -85,13 +90,16 @@ class Recommendation:
     queue_seconds: float = 0.0
 
 
-def load_bundle(artifacts_dir: Path, index_settings: IndexSettings, device: str = "auto") -> ServingBundle:
+def load_bundle(
+    artifacts_dir: Path, index_settings: IndexSettings, device: str = "auto", tower_format: str = "auto"
+) -> ServingBundle:
     """Loads artifacts and their index, checks they belong together, and runs one request through them.
 
     ``device`` (COLDWARM_DEVICE: auto, cpu or cuda) is where the tower runs; the search runs where
-    ``index_settings.search_backend`` and the device say (``choose_backend``)."""
+    ``index_settings.search_backend`` and the device say (``choose_backend``). ``tower_format``
+    (COLDWARM_TOWER_FORMAT) chooses between the compiled tower and TorchScript (``load_artifacts``)."""
     torch_device = resolve_device(device)
-    artifacts = load_artifacts(Path(artifacts_dir), map_location=torch_device)
+    artifacts = load_artifacts(Path(artifacts_dir), map_location=torch_device, tower_format=tower_format)
     index, manifest = load_index(artifacts.directory, index_settings, artifacts.version)
     vectors = fold_bias(artifacts.items.embeddings, artifacts.items.bias, artifacts.scale)
     searcher = choose_backend(
@@ -226,9 +234,11 @@ class Recommender:
         batch_wait_us: float = 0.0,
         on_batch: Callable[[BatchStats], None] | None = None,
         device: str = "auto",
+        tower_format: str = "auto",
     ) -> None:
         self._bundle = bundle
-        self.device = device  # where reloaded bundles run, as the first one
+        # How reloaded bundles are loaded: as the first one.
+        self.device, self.tower_format = device, tower_format
         self.history_cap = history_cap
         self.max_queue_s = max_queue_ms / 1000
         self.load_error = load_error if bundle is None else None
@@ -296,7 +306,9 @@ class Recommender:
     async def reload(self, artifacts_dir: Path, index_settings: IndexSettings) -> ServingBundle:
         """Loads and warms a new bundle off the serving thread, then swaps; on error the old one stays."""
         async with self._reload_lock:
-            bundle = await asyncio.to_thread(load_bundle, artifacts_dir, index_settings, self.device)
+            bundle = await asyncio.to_thread(
+                load_bundle, artifacts_dir, index_settings, self.device, self.tower_format
+            )
             cap = bundle.artifacts.encoder.config.max_history
             if cap != self.history_cap:
                 # The feature store keeps history_cap actions per user, fixed when the service started.

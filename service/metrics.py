@@ -78,13 +78,19 @@ class ServiceMetrics:
         )
         self.versions = Info(
             "coldwarm_serving",
-            "Model and index versions being served, the search backend and the tower's device",
+            "Model and index versions being served, the search backend, the tower's device and format",
             registry=self.registry,
         )
         self.index_size = Gauge("coldwarm_index_items", "Items in the served index", registry=self.registry)
 
     def set_versions(
-        self, model_version: str, index_version: str, n_items: int, search_backend: str, device: str
+        self,
+        model_version: str,
+        index_version: str,
+        n_items: int,
+        search_backend: str,
+        device: str,
+        tower_format: str,
     ) -> None:
         self.versions.info(
             {
@@ -92,6 +98,7 @@ class ServiceMetrics:
                 "index_version": index_version,
                 "search_backend": search_backend,
                 "device": device,
+                "tower_format": tower_format,
             }
         )
         self.index_size.set(n_items)

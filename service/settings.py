@@ -56,6 +56,11 @@ class ServiceSettings(BaseSettings):
         description="where the user tower runs (auto: CUDA when torch sees a GPU); the search follows "
         "COLDWARM_INDEX_SEARCH_BACKEND",
     )
+    tower_format: Literal["auto", "torchscript", "aoti"] = Field(
+        "auto",
+        description="auto: the artifacts' AOTInductor package for this device when one loads and agrees "
+        "with TorchScript (faster), else TorchScript; aoti: the package or refuse the artifacts",
+    )
     max_batch: int = Field(
         64,
         ge=1,

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import redis
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+# Compiling the user tower (AOTInductor, model/compiled_tower.py) costs tens of seconds per export;
+# the tests that export through the command line would pay it many times over. tests/test_compiled_tower.py
+# compiles on purpose; every other export (and the subprocesses started here) writes TorchScript only.
+os.environ.setdefault("COLDWARM_EXPORT__COMPILED_TOWER", "off")
 
 
 @pytest.fixture(scope="session")

@@ -512,7 +512,8 @@ def test_admin_reload(
         assert metric(samples, "coldwarm_reloads_total", result="ok") == 1
         assert metric(samples, "coldwarm_reloads_total", result="refused") == len(broken)
         info = {"model_version": b.model_version, "index_version": b.index_version}
-        assert metric(samples, "coldwarm_serving_info", **info, search_backend="faiss-cpu", device="cpu") == 1
+        served = {"search_backend": "faiss-cpu", "device": "cpu", "tower_format": "torchscript"}
+        assert metric(samples, "coldwarm_serving_info", **info, **served) == 1
         ready = client.get("/readyz").json()
         assert (ready["model_version"], ready["index_version"]) == (b.model_version, b.index_version)
 
@@ -589,7 +590,8 @@ def test_metrics_after_traffic(served: Served) -> None:
         assert metric(samples, "coldwarm_stage_latency_seconds_count", stage=stage) == 3, stage
         assert metric(samples, "coldwarm_stage_latency_seconds_bucket", le="+Inf", stage=stage) == 3, stage
     info = {"model_version": artifacts.a.model_version, "index_version": artifacts.a.index_version}
-    assert metric(samples, "coldwarm_serving_info", **info, search_backend="faiss-cpu", device="cpu") == 1
+    served = {"search_backend": "faiss-cpu", "device": "cpu", "tower_format": "torchscript"}
+    assert metric(samples, "coldwarm_serving_info", **info, **served) == 1
     assert metric(samples, "coldwarm_index_items") == N_ITEMS == len(artifacts.catalog)
     response = client.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain")

@@ -111,6 +111,12 @@ def oldest_first(history: torch.Tensor) -> torch.Tensor:
     """The encoder's newest-first, right-padded history as an oldest → newest, left-padded sequence,
     the newest item last; the columns that are padding for every row are cut (they change nothing)."""
     sequence = history.flip(1)
+    # TorchScript skips the block (it cannot compile torch.compiler), and its own programs keep the cut.
+    if not torch.jit.is_scripting():  # noqa: SIM102
+        if torch.compiler.is_exporting():
+            # The cut's width depends on the data, which a torch.export program cannot have; uncut,
+            # the padding columns are masked out and the answers are the same (bench/export_format.py).
+            return sequence
     used = (sequence > 0).any(dim=0)
     start = int(used.to(torch.int64).argmax()) if bool(used.any()) else sequence.shape[1] - 1
     return sequence[:, start:]

@@ -45,7 +45,12 @@ async def reload(
         raise HTTPException(422, f"reload refused, still serving the previous version: {error}") from error
     state.metrics.reloads.labels("ok").inc()
     state.metrics.set_versions(
-        bundle.model_version, bundle.index_version, bundle.n_items, bundle.searcher.name, bundle.device
+        bundle.model_version,
+        bundle.index_version,
+        bundle.n_items,
+        bundle.searcher.name,
+        bundle.device,
+        bundle.tower_format,
     )
     return ReloadResponse(
         model_version=bundle.model_version, index_version=bundle.index_version, n_items=bundle.n_items

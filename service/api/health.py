@@ -35,6 +35,7 @@ async def readyz(state: State) -> JSONResponse:
         "n_items": bundle.n_items if bundle else 0,
         "search_backend": bundle.searcher.name if bundle else None,
         "device": bundle.device if bundle else None,
+        "tower_format": bundle.tower_format if bundle else None,
         "batching": {"max_batch": recommender.batcher.max_batch, "wait_us": recommender.batcher.wait_s * 1e6},
     }
     return JSONResponse(body, status_code=200 if ready else 503)
