@@ -77,24 +77,26 @@ class ModelRanker:
 
     @torch.no_grad()
     def score(self, points: Sequence[EvalPoint]) -> np.ndarray:
-        return on_catalog(self._in_eval_mode(self.model.score_all, points).numpy(), self.columns)
+        return on_catalog(self._in_eval_mode(self.model.score_all, points).cpu().numpy(), self.columns)
 
     @torch.no_grad()
     def gates(self, points: Sequence[EvalPoint]) -> np.ndarray:
         """(n, 2) gate weights [cold, warm] of the points' users."""
         _, _, gate = self._in_eval_mode(self.model.user_tower, points)
-        return gate.numpy()
+        return gate.cpu().numpy()
 
     def _in_eval_mode(self, call: Any, points: Sequence[EvalPoint]) -> Any:
         """``call(profile, history, state)`` on the encoded points, the model in eval mode meanwhile."""
         encoded = encode_points(points, self.users, self.encoder)
         was_training = self.model.training
+        # The model's device (a model being trained on a GPU is validated there).
+        device = next(self.model.parameters()).device
         self.model.eval()
         try:
             return call(
-                torch.as_tensor(encoded.profile),
-                torch.as_tensor(encoded.history),
-                torch.as_tensor(encoded.state),
+                torch.as_tensor(encoded.profile, device=device),
+                torch.as_tensor(encoded.history, device=device),
+                torch.as_tensor(encoded.state, device=device),
             )
         finally:
             self.model.train(was_training)

@@ -133,6 +133,9 @@ class TrainConfig(BaseModel):
     )
     seed: int = 0
     torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where training runs: auto is CUDA when torch sees a GPU, else the CPU"
+    )
 
 
 class ExportConfig(BaseModel):

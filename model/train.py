@@ -132,6 +132,26 @@ def distillable(history: torch.Tensor, model_config: ModelConfig) -> torch.Tenso
     return None
 
 
+def training_device(config: TrainConfig) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("COLDWARM_TRAIN__DEVICE=cuda, but torch sees no CUDA device; use cpu or auto")
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def on_device(candidates: Candidates, device: torch.device) -> Candidates:
+    def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(device, non_blocking=True)
+
+    return Candidates(
+        candidates.positions.to(device, non_blocking=True),
+        moved(candidates.log_q),
+        moved(candidates.positive_column),
+        moved(candidates.accidental_hits),
+    )
+
+
 def training_step(
     net: TwoTowerNet,
     batch: tuple[torch.Tensor, ...],
@@ -143,13 +163,17 @@ def training_step(
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Loss of one batch: L + alpha * L_d, each sample's L weighted by ``weights`` when given; also the
-    fraction of samples that were distilled."""
-    profile, history, state, targets = batch
+    fraction of samples that were distilled. The batch arrives on the CPU and is computed on the net's
+    device; the candidates are drawn on the CPU, so that one seed draws the same ones on any device."""
+    device = net.log_scale.device
+    candidates = on_device(make_candidates(batch[3], config, net.n_items, item_log_q, generator), device)
+    profile, history, state, targets = (tensor.to(device, non_blocking=True) for tensor in batch)
+    if weights is not None:
+        weights = weights.to(device, non_blocking=True)
     if use_dkd:
         e_u, b_u, _, e_cold, e_warm = net.user_tower.experts(profile, history, state)
     else:
         e_u, b_u, _ = net.user_tower(profile, history, state)
-    candidates = make_candidates(targets, config, net.n_items, item_log_q, generator)
     per_sample = candidates.log_q is None
     e_i, b_i = net.item_scorer(candidates.positions.reshape(-1))
     if per_sample:
@@ -189,7 +213,11 @@ def run_epochs(
     validate: bool,
     progress: bool,
 ) -> list[dict[str, float]]:
-    """Adam over shuffled samples; keeps the weights of the best validation epoch when validating."""
+    """Adam over shuffled samples; keeps the weights of the best validation epoch when validating.
+
+    Runs on ``config.device``; the net is handed back on the CPU, where export and evaluation read it."""
+    device = training_device(config)
+    net.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     item_log_q = item_log_frequencies(context.samples, net.n_items)
@@ -243,6 +271,7 @@ def run_epochs(
             break
     if validate:
         net.load_state_dict(best_state)
+    net.cpu()
     return history
 
 

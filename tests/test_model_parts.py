@@ -447,3 +447,14 @@ def test_the_warm_action_skip_adds_the_newest_reading_past_the_mlps() -> None:
     profile, actions = torch.randn(3, profile_dim), torch.randn(3, 2 * dim)
     # The last d action features are the pooling's newest reading (attention output / recent mean).
     torch.testing.assert_close(skipping(profile, actions), plain(profile, actions) + actions[:, dim:])
+
+
+def test_training_runs_where_the_settings_say() -> None:
+    from model.train import training_device
+
+    assert training_device(TrainConfig(device="cpu")) == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert training_device(TrainConfig(device="auto")).type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="COLDWARM_TRAIN__DEVICE"):
+            training_device(TrainConfig(device="cuda"))
