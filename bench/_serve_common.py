@@ -3,9 +3,18 @@ service as a real uvicorn subprocess, Redis key cleanup, latency statistics and 
 
 The load generator is a small HTTP/1.1 client on raw asyncio streams (keep-alive connections from a
 pool, no pipelining): httpx costs about a millisecond of CPU per request, which on a 2-core machine
-would be taken from the server under test. Requests are sent at fixed inter-arrival times whatever the
-server does, and every latency is measured from the request's *scheduled* send time, so queueing in the
-client (no free connection, a late event loop) and in the server counts: no coordinated omission.
+would be taken from the server under test. Requests are sent on a schedule fixed in advance whatever
+the server does, and every latency is measured from the request's *scheduled* send time, so queueing in
+the client (no free connection, a late event loop) and in the server counts: no coordinated omission.
+
+Arrivals (``arrival_offsets``): ``poisson`` (the default of ``run_phase``) makes the gaps between due
+times independent exponentials of mean 1 / rate, drawn from a ``numpy.random.Generator`` of a given
+seed, so request i is due at t0 + gap_1 + ... + gap_i: bursts and lulls as independent users make
+them, and the same schedule again for the same seed. ``uniform`` spaces them evenly, i / rate.
+
+``run_phase`` can also read the CPU seconds (utime + stime of /proc/<pid>/stat) of given processes at
+the start and the end of its measured window, with the answers completed within it: the server's CPU
+time per answered request.
 """
 
 from __future__ import annotations
@@ -394,7 +403,7 @@ class ConnectionPool:
 
 
 # ----- one open-loop phase ----------------------------------------------------------------------------
-STAGES = ("features", "model", "search", "total")
+STAGES = ("features", "queue", "model", "search", "total")
 
 
 @dataclass(slots=True)
@@ -441,6 +450,22 @@ class PhaseResult:
     last_done: float = 0.0
     window_start: float = 0.0
     connections_opened: int = 0
+    arrivals: str = "uniform"
+    # Requests due in the measured window per second of it: the rate actually offered (Poisson: close to
+    # the target, not equal).
+    offered_rps: float = 0.0
+    # CPU seconds of each process given to run_phase over the measured window, and the answers (HTTP
+    # 200, measured or not) completed within that window; empty when no process was given.
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    cpu_window_s: float = 0.0
+    answers_in_window: int = 0
+    machine_busy_cores: float | None = None
+
+    def cpu_ms_per_answer(self, name: str) -> float | None:
+        """CPU milliseconds of process ``name`` per answer completed in the measured window."""
+        if name not in self.cpu_seconds or not self.answers_in_window:
+            return None
+        return self.cpu_seconds[name] * 1e3 / self.answers_in_window
 
     @property
     def achieved_rps(self) -> float:
@@ -479,8 +504,10 @@ class PhaseResult:
         if not self.stage_ms["total"]:
             return None
         out = {name: round(float(np.mean(values)), 3) for name, values in self.stage_ms.items() if values}
-        # What the stages leave out of the total: mostly the wait for the single model/search thread.
-        out["other"] = round(out["total"] - sum(out.get(s, 0.0) for s in ("features", "model", "search")), 3)
+        # What the stages leave out of the total: the event loop's own work and waits (parsing, the
+        # answer's serialisation, handing results back from the model thread).
+        parts = ("features", "queue", "model", "search")
+        out["other"] = round(out["total"] - sum(out.get(s, 0.0) for s in parts), 3)
         total = np.asarray(self.stage_ms["total"])
         out["total_p50"] = round(float(np.percentile(total, 50)), 3)
         out["total_p99"] = round(float(np.percentile(total, 99)), 3)
@@ -545,9 +572,10 @@ async def open_loop(
     max_connections: int,
     on_done: Callable[[Outcome], None],
     t0: float | None = None,
+    offsets: Sequence[float] | np.ndarray | None = None,
 ) -> ScheduleEnd:
-    """Sends ``request_at(i)`` for i < n_requests, request i due at t0 + i / rate whatever the server does;
-    ``on_done`` gets the outcome of each one (in the event loop: keep it cheap).
+    """Sends ``request_at(i)`` for i < n_requests, request i due at t0 + offsets[i] (default i / rate)
+    whatever the server does; ``on_done`` gets the outcome of each one (in the event loop: keep it cheap).
 
     Bounded: no request is sent after the schedule ends, each one gives up ``timeout_s`` after its due
     time, and the final wait is bounded too. ``t0`` defaults to 50 ms from now.
@@ -555,13 +583,16 @@ async def open_loop(
     pool = ConnectionPool(port, max_connections)
     if t0 is None:
         t0 = time.perf_counter() + 0.05
+    due = [t0 + i / rate for i in range(n_requests)] if offsets is None else [t0 + float(o) for o in offsets]
+    if len(due) < n_requests:
+        raise ValueError(f"{len(due)} offsets for {n_requests} requests")
     tasks: set[asyncio.Task[None]] = set()
     abandoned = 0
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a client-side collection pause would show up as server latency
     try:
         for i in range(n_requests):
-            scheduled = t0 + i / rate
+            scheduled = due[i]
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -584,6 +615,92 @@ async def open_loop(
     return ScheduleEnd(abandoned, pool.opened)
 
 
+ARRIVALS = ("poisson", "uniform")
+
+
+def arrival_offsets(
+    rate: float, seconds: float, kind: str = "poisson", seed: int | Sequence[int] = 0
+) -> np.ndarray:
+    """Due times (seconds from the schedule's start, ascending, all < ``seconds``) of requests at ``rate``.
+
+    poisson: cumulative sums of exponential gaps of mean 1 / rate from ``np.random.default_rng(seed)``
+    (the same seed, the same schedule); uniform: i / rate.
+    """
+    if rate <= 0 or seconds <= 0:
+        return np.empty(0)
+    if kind == "uniform":
+        return np.arange(int(round(seconds * rate))) / rate
+    if kind != "poisson":
+        raise ValueError(f"arrivals must be one of {ARRIVALS}, got {kind!r}")
+    rng = np.random.default_rng(seed)
+    expected = seconds * rate
+    chunks: list[np.ndarray] = []
+    last = 0.0
+    while last < seconds:  # almost always one draw: 6 sigma above the expected count, plus a margin
+        gaps = rng.exponential(1.0 / rate, size=int(expected + 6 * np.sqrt(expected) + 16))
+        offsets = last + np.cumsum(gaps)
+        chunks.append(offsets)
+        last = float(offsets[-1])
+    offsets = np.concatenate(chunks)
+    return offsets[offsets < seconds]
+
+
+# ----- CPU time of processes -------------------------------------------------------------------------
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int | tuple[int, int]) -> float | None:
+    """utime + stime of process ``pid`` (all its threads) from /proc/<pid>/stat, or of one thread for
+    (pid, tid) from /proc/<pid>/task/<tid>/stat; None when unreadable."""
+    path = f"/proc/{pid[0]}/task/{pid[1]}/stat" if isinstance(pid, tuple) else f"/proc/{pid}/stat"
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        return None
+    # The command name (2nd field) may hold spaces and parentheses: the fields after its last ')'.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # fields 14 and 15 of proc(5)
+
+
+def machine_cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot, from /proc/stat; None when unreadable."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    values = [int(v) for v in first[1:9]]  # user nice system idle iowait irq softirq steal
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+@dataclass
+class CpuSample:
+    at: float
+    processes: dict[str, float | None]
+    machine: tuple[int, int] | None
+
+    @classmethod
+    def take(cls, pids: dict[str, int | tuple[int, int]]) -> CpuSample:
+        return cls(
+            time.perf_counter(), {n: process_cpu_seconds(p) for n, p in pids.items()}, machine_cpu_ticks()
+        )
+
+
+def cpu_between(first: CpuSample, last: CpuSample) -> tuple[dict[str, float], float | None]:
+    """CPU seconds of each process between two samples, and the CPUs the whole machine kept busy."""
+    spent = {
+        name: round(after - before, 3)
+        for name, after in last.processes.items()
+        if after is not None and (before := first.processes.get(name)) is not None
+    }
+    busy = None
+    if first.machine and last.machine and last.machine[1] > first.machine[1]:
+        cores = os.cpu_count() or 1
+        busy_ticks = last.machine[0] - first.machine[0]
+        busy = round(cores * busy_ticks / (last.machine[1] - first.machine[1]), 2)
+    return spent, busy
+
+
 async def run_phase(
     port: int,
     requests: Sequence[bytes],
@@ -592,26 +709,65 @@ async def run_phase(
     warmup_s: float,
     timeout_s: float,
     max_connections: int,
+    arrivals: str = "uniform",
+    seed: int | Sequence[int] = 0,
+    cpu_pids: dict[str, int | tuple[int, int]] | None = None,
 ) -> PhaseResult:
     """Sends ``requests`` (cycled) at ``rate`` per second for warmup_s + duration_s, open loop.
 
-    Request i is due at t0 + i / rate. Only requests due after the warm-up are measured. Bounded: no
-    request is sent after the schedule ends, and each one gives up ``timeout_s`` after its due time.
+    Due times follow ``arrivals`` (``arrival_offsets``: poisson with ``seed``, or uniform). Only requests
+    due after the warm-up are measured. Bounded: no request is sent after the schedule ends, and each
+    one gives up ``timeout_s`` after its due time. With ``cpu_pids`` ({name: pid, or (pid, tid) for one
+    thread}), the CPU seconds of each over the measured window [t0 + warmup_s, t0 + warmup_s +
+    duration_s] are recorded, with the answers completed in that window.
     """
-    result = PhaseResult(target_rps=rate, duration_s=duration_s)
-    n_total = int(round((warmup_s + duration_s) * rate))
-    n_warmup = int(round(warmup_s * rate))
+    result = PhaseResult(target_rps=rate, duration_s=duration_s, arrivals=arrivals)
+    offsets = arrival_offsets(rate, warmup_s + duration_s, arrivals, seed)
+    n_total = len(offsets)
+    n_warmup = int(np.searchsorted(offsets, warmup_s - 1e-9))
     t0 = time.perf_counter() + 0.05
-    result.window_start = t0 + n_warmup / rate
+    result.window_start = t0 + warmup_s
+    window_end = result.window_start + duration_s
     result.scheduled = n_total - n_warmup
+    result.offered_rps = result.scheduled / duration_s if duration_s > 0 else 0.0
+    answered_at: list[float] = []
 
     def measure(outcome: Outcome) -> None:
+        if outcome.status == 200:
+            answered_at.append(outcome.done)
         if outcome.index >= n_warmup:
             result.add(outcome)
 
-    end = await open_loop(
-        port, lambda i: requests[i % len(requests)], n_total, rate, timeout_s, max_connections, measure, t0
-    )
+    async def sample_cpu() -> tuple[CpuSample, CpuSample] | None:
+        if not cpu_pids:
+            return None
+        await asyncio.sleep(max(0.0, result.window_start - time.perf_counter()))
+        first = CpuSample.take(cpu_pids)
+        await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
+        return first, CpuSample.take(cpu_pids)
+
+    sampler = asyncio.create_task(sample_cpu())
+    try:
+        end = await open_loop(
+            port,
+            lambda i: requests[i % len(requests)],
+            n_total,
+            rate,
+            timeout_s,
+            max_connections,
+            measure,
+            t0,
+            offsets,
+        )
+        samples = await sampler
+    finally:
+        if not sampler.done():
+            sampler.cancel()
+    if samples is not None:
+        first, last = samples
+        result.cpu_seconds, result.machine_busy_cores = cpu_between(first, last)
+        result.cpu_window_s = last.at - first.at
+        result.answers_in_window = sum(1 for t in answered_at if first.at <= t <= last.at)
     result.connections_opened = end.connections_opened
     if end.abandoned:
         missing = result.scheduled - result.ok - result.errors

@@ -1,38 +1,76 @@
-"""End-to-end serving latency of POST /recommend, and index search latency/recall on large catalogs.
+"""End-to-end serving latency of POST /recommend, batching off against on, and index search on large catalogs.
 
-    python bench/serve_latency.py --artifacts artifacts            # everything, about 10 minutes
-    python bench/serve_latency.py --artifacts A --skip-synthetic --rates 100,300 --duration 10
-    python bench/serve_latency.py --skip-movielens --sizes 100k     # index part only
+    python bench/serve_latency.py --artifacts artifacts            # the comparison, about 12 minutes
+    python bench/serve_latency.py --artifacts A --batching on --repeats 0 --rates 500,1000 --duration 5
+    python bench/serve_latency.py --skip-movielens --synthetic --sizes 100k     # index part only
 
-1. HTTP scenario (MovieLens by default). Every user of ``--data`` is bulk-loaded into the real Redis
-   under a fresh key prefix (deleted at the end); the service runs as a real uvicorn server in a
-   subprocess (one worker, COLDWARM_* settings) on a free 127.0.0.1 port; an open-loop load generator
-   sends /recommend (k=50, exclude_seen, ~10% unknown users) at fixed rates, each for a warm-up plus a
-   measured window. Latency is client-side, from each request's *scheduled* send time (queueing
-   included, no coordinated omission). Then a bounded step search finds the highest rate the service
-   holds: p99 <= --slo-p99-ms, errors <= --max-error-rate, degraded answers (load shed) <=
-   --max-degraded-rate, achieved >= --min-achieved x target.
-2. Synthetic catalogs (100k and 1M items by default, d = 64 + 1 folded bias): clustered item vectors
+Timing on a small machine is noisy: pause what else runs for the duration, and resume it whatever
+happens, e.g. ``pids=$(pgrep -f "coldwarm train"); trap 'kill -CONT $pids' EXIT; kill -STOP $pids``.
+
+1. HTTP scenario (MovieLens by default), one run measuring the service unbatched and batched side by
+   side. Every user of ``--data`` is bulk-loaded into the real Redis under a fresh key prefix (deleted
+   at the end). Then, in order:
+
+   a. **Floor** (``bench/_serve_floor.py``, in a subprocess, before any server runs): the batched floor
+      of one request, (a plain ``redis.asyncio`` MULTI read of 64 users' keys + ``compute_batch`` of
+      them) / 64, medians of ``--floor-reps`` repetitions; and the feature store's read of one user
+      against the plain client's read of the same keys (ratio of p50s), Feast's SDK when importable.
+   b. One real uvicorn server per ``--batching`` mode, all started at once (one worker each, a free
+      127.0.0.1 port each): ``off`` is COLDWARM_MAX_BATCH=1, ``on`` is ``--max-batch`` with
+      ``--batch-wait-us``. Only one of them is under load at any moment; the others idle.
+   c. **p99 at ``--repeat-rate``** (500 RPS): ``--repeats`` phases per mode, the modes alternating
+      (off on, on off, ...) so that machine noise hits both; the median of the repeats' p99 is reported
+      with every value.
+   d. **Highest rate held**: a rate ladder per mode, the modes' steps interleaved. The ladder starts
+      from the repeats' outcome at --repeat-rate (held when most repeats passed), climbs the fixed
+      ``--rates`` until one fails, then a bounded search (``--search-steps``): x ``--search-factor``
+      while everything passes, else bisection. A rate is held when p99 <= --slo-p99-ms (10 ms),
+      errors <= --max-error-rate, degraded answers (load shed) <= --max-degraded-rate and
+      achieved >= --min-achieved x target.
+   e. **/recommend/batch**: ``--batch-users`` users per call from ``--batch-callers`` closed-loop callers
+      (each for ``--batch-seconds``), on each batching server; the best users/s is reported.
+
+   Each phase of c and d is open loop: requests (k=50, exclude_seen, ~10% unknown users) are sent on
+   a schedule fixed in advance, for a warm-up plus a measured window. ``--arrivals poisson`` (the
+   default): the gaps between due times are independent exponentials of mean 1 / rate from a numpy
+   Generator seeded by (``--seed``, rate, repeat), so request i is due at t0 + the sum of the first i
+   gaps, and both modes get the same schedule at the same rate; ``--arrivals uniform``: evenly spaced,
+   i / rate. Latency is client-side, from each request's *scheduled* send time (queueing included, no
+   coordinated omission). Around each measured window the benchmark reads the CPU seconds (utime +
+   stime, /proc/<pid>/stat) of the server process, of Redis and of itself, and the answers completed in
+   the window: **server CPU time per answered request**, compared at the highest rate held with the
+   floor of (a). The server's ``coldwarm_batch_size`` histogram (/metrics) is read around every phase:
+   the mean batch size. The machine's busy CPUs (/proc/stat) less this benchmark's own processes say
+   what else ran: a phase during which others kept more than ``--max-other-cores`` busy is run again
+   (at most ``--noise-retries`` times; the noisy one stays in the records, marked superseded).
+   Targets (``targets`` in the results, each with its value and pass/fail): batched highest rate >=
+   2.5x unbatched; batched p99 at 500 RPS <= 4 ms; batched server CPU per request <= 3x the floor;
+   /recommend/batch >= 20,000 users/s; the store's read of one user <= 1.3x the plain client's.
+2. Synthetic catalogs (``--synthetic``; skipped by default, and always with ``--skip-synthetic``):
+   100k and 1M items by default, d = 64 + 1 folded bias: clustered item vectors
    and user queries built like real users (mean of a history drawn from a few taste clusters, plus
    profile-only cold users). Exact (flat), IVF and HNSW indexes are built with the project's
    ``build_index``; nprobe / efSearch are tuned up a grid until recall@100 against ``exact_search``
    reaches --recall-target on 1000 queries; single-query search latency is timed with one FAISS
    thread on 2000 other queries. ``--serve-synthetic`` also serves each synthetic catalog over HTTP
    (artifacts written by the project's ``write_artifacts`` with an untrained Cold & Warm Net user
-   tower, index by ``build_index_artifacts``).
+   tower, index by ``build_index_artifacts``), with the same phases as 1 b-d (no floor).
 
-Writes bench/results/serve_latency.json (machine, config, records, summary) and a markdown table
-beside it (.md). Numbers depend on the machine and its load: the JSON records both.
+Writes bench/results/serve_latency.json (machine, config, records, summary, floor, store_read,
+batch_endpoint, targets) and a markdown report beside it (.md). Numbers depend on the machine and its
+load: the JSON records both.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import gc
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -47,19 +85,25 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _serve_common import (  # noqa: E402  (bench/ is not a package)
+    ARRIVALS,
     BenchError,
+    Connection,
+    CpuSample,
     PhaseResult,
     ServerProcess,
     connect_redis,
+    cpu_between,
     delete_keys,
     latency_summary,
     machine_info,
     render_request,
     run_async,
     run_phase,
+    simple_get,
     simple_request,
     training_data_warning,
 )
+from _serve_floor import measure_in_subprocess  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml-1m-first2999"
@@ -96,20 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     scen = p.add_argument_group("scenarios")
     scen.add_argument("--skip-movielens", action="store_true", help="no HTTP scenario over --artifacts")
-    scen.add_argument("--skip-synthetic", action="store_true", help="no synthetic catalogs")
+    scen.add_argument("--synthetic", action="store_true", help="also the synthetic catalogs (index part)")
+    scen.add_argument("--skip-synthetic", action="store_true", help="no synthetic catalogs (the default)")
     scen.add_argument("--serve-synthetic", action="store_true", help="also serve the synthetic catalogs")
     scen.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
     http = p.add_argument_group("HTTP load")
     http.add_argument("--artifacts", type=Path, default=REPO / "artifacts", help="artifacts root or version")
     http.add_argument("--data", default=str(DEFAULT_DATA), help="the data the artifacts were trained on")
-    http.add_argument("--rates", type=lambda s: parse_list(s, float), default=[100, 300, 500, 1000])
-    http.add_argument("--duration", type=float, default=20.0, help="measured seconds per rate")
-    http.add_argument("--warmup", type=float, default=3.0, help="seconds per rate excluded from stats")
+    http.add_argument(
+        "--batching",
+        type=lambda s: parse_list(s, str),
+        default=["off", "on"],
+        help="servers compared: off (COLDWARM_MAX_BATCH=1) and/or on (--max-batch)",
+    )
+    http.add_argument("--max-batch", type=int, default=64, help="COLDWARM_MAX_BATCH of the batching server")
+    http.add_argument("--batch-wait-us", type=float, default=0.0, help="its COLDWARM_BATCH_WAIT_US")
+    http.add_argument("--arrivals", choices=ARRIVALS, default="poisson", help="open-loop schedule")
+    http.add_argument("--repeat-rate", type=float, default=500.0, help="rate of the repeated p99 phases")
+    http.add_argument("--repeats", type=int, default=5, help="phases per mode at --repeat-rate (0: none)")
+    http.add_argument(
+        "--rates", type=lambda s: parse_list(s, float), default=[1000, 1500, 2000, 3000], help="ladder"
+    )
+    http.add_argument("--duration", type=float, default=10.0, help="measured seconds per phase")
+    http.add_argument("--warmup", type=float, default=2.0, help="seconds per phase excluded from stats")
     http.add_argument("--search-steps", type=int, default=3, help="extra rates tried after the fixed ones")
     http.add_argument("--search-duration", type=float, default=10.0, help="measured seconds per search step")
     http.add_argument("--search-factor", type=float, default=1.5, help="step up when every rate passed")
-    http.add_argument("--slo-p99-ms", type=float, default=50.0)
+    http.add_argument("--slo-p99-ms", type=float, default=10.0)
     http.add_argument("--max-error-rate", type=float, default=0.01)
     http.add_argument(
         "--max-degraded-rate", type=float, default=0.01, help="shed or degraded answers allowed for a pass"
@@ -124,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--redis-timeout-ms", type=float, default=None, help="COLDWARM_REDIS_TIMEOUT_MS (default: service's)"
     )
     http.add_argument("--no-uvloop", action="store_true", help="client on asyncio's default loop")
+    http.add_argument(
+        "--max-other-cores",
+        type=float,
+        default=0.25,
+        help="a phase during which other processes kept more CPUs busy than this is run again",
+    )
+    http.add_argument("--noise-retries", type=int, default=2, help="times a noisy phase is run again")
+    http.add_argument("--batch-users", type=int, default=256, help="users per /recommend/batch call")
+    http.add_argument(
+        "--batch-callers", type=lambda s: parse_list(s, int), default=[1, 2], help="concurrent batch callers"
+    )
+    http.add_argument("--batch-seconds", type=float, default=10.0, help="per /recommend/batch run (0: none)")
+    http.add_argument("--floor-reps", type=int, default=300, help="repetitions of the floor's read + compute")
+    http.add_argument("--store-rounds", type=int, default=5, help="rounds of store vs plain read")
+    http.add_argument("--store-calls", type=int, default=1000, help="calls per reader per round")
+    http.add_argument("--skip-floor", action="store_true", help="no floor, no store vs plain read")
 
     syn = p.add_argument_group("synthetic catalogs")
     syn.add_argument("--sizes", type=lambda s: parse_list(s, parse_size), default=[100_000, 1_000_000])
@@ -167,6 +241,11 @@ def passed(phase: PhaseResult, stats: dict[str, Any], args: argparse.Namespace) 
     )
 
 
+def _per_request(phase: PhaseResult, name: str) -> float | None:
+    value = phase.cpu_ms_per_answer(name)
+    return None if value is None else round(value, 4)
+
+
 def http_record(
     info: ScenarioInfo, phase: PhaseResult, step: str, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -190,12 +269,38 @@ def http_record(
         "duration_s": phase.duration_s,
         # extras
         "step": step,
+        "arrivals": phase.arrivals,
+        "offered_rps": round(phase.offered_rps, 1),
         "requests": phase.scheduled,
         "passed": passed(phase, stats, args),
         "error_kinds": dict(phase.error_kinds),
         "client_send_lag_p99_ms": lag["p99_ms"],
         "connections_opened": phase.connections_opened,
+        # CPU over the measured window: seconds per process, and per answer completed in the window.
+        "server_cpu_ms_per_request": _per_request(phase, "server"),
+        # The server's event-loop thread alone (HTTP, validation, the store read, answers); the rest
+        # of server_cpu_ms_per_request is the model thread's (and any other thread's).
+        "server_loop_cpu_ms_per_request": _per_request(phase, "server_loop"),
+        "redis_cpu_ms_per_request": _per_request(phase, "redis"),
+        "client_cpu_ms_per_request": _per_request(phase, "client"),
+        "cpu_seconds": phase.cpu_seconds or None,
+        "cpu_window_s": round(phase.cpu_window_s, 3) if phase.cpu_seconds else None,
+        "answers_in_window": phase.answers_in_window if phase.cpu_seconds else None,
+        "machine_busy_cores": phase.machine_busy_cores,
+        # What else kept the machine's CPUs busy meanwhile (other processes): noise, when above ~0.1.
+        "other_busy_cores": other_busy_cores(phase),
     }
+
+
+# The processes whose CPU time run_phase reads (server_loop is a thread of server).
+PROCESSES = ("server", "redis", "client")
+
+
+def other_busy_cores(phase: PhaseResult) -> float | None:
+    if phase.machine_busy_cores is None or not phase.cpu_window_s:
+        return None
+    ours = sum(phase.cpu_seconds.get(name, 0.0) for name in PROCESSES) / phase.cpu_window_s
+    return round(phase.machine_busy_cores - ours, 2)
 
 
 # ----- the HTTP scenario ----------------------------------------------------------------------------------
@@ -221,15 +326,19 @@ def users_in_redis(args: argparse.Namespace, data: Any, cap: int) -> Iterator[st
         log(f"deleted {deleted} Redis keys under {layout.prefix}")
 
 
-def request_pool(port: int, user_ids: np.ndarray, args: argparse.Namespace, n: int = 60_000) -> list[bytes]:
-    """Pre-rendered /recommend requests: known users at random, ``unknown_fraction`` of unknown ones."""
-    rng = np.random.default_rng(args.seed + 1)
+def request_ids(user_ids: np.ndarray, args: argparse.Namespace, n: int, seed: int) -> list[int]:
+    """Known users at random, ``unknown_fraction`` of unknown ones (ids above every known one)."""
+    rng = np.random.default_rng(seed)
     known = rng.choice(user_ids, size=n)
     unknown = int(np.max(user_ids)) + 1 + rng.integers(0, 1_000_000_000, size=n)
-    ids = np.where(rng.random(n) < args.unknown_fraction, unknown, known)
+    return [int(u) for u in np.where(rng.random(n) < args.unknown_fraction, unknown, known)]
+
+
+def request_pool(port: int, user_ids: np.ndarray, args: argparse.Namespace, n: int = 60_000) -> list[bytes]:
+    """Pre-rendered /recommend requests: known users at random, ``unknown_fraction`` of unknown ones."""
     return [
-        render_request(port, "/recommend", {"user_id": int(u), "k": args.k, "exclude_seen": True})
-        for u in ids
+        render_request(port, "/recommend", {"user_id": u, "k": args.k, "exclude_seen": True})
+        for u in request_ids(user_ids, args, n, args.seed + 1)
     ]
 
 
@@ -248,68 +357,335 @@ def settle(server: ServerProcess, user_id: int, args: argparse.Namespace, max_s:
     log(f"  the server did not settle within {max_s:.0f}s; going on")
 
 
-def rate_ladder(
-    server: ServerProcess, info: ScenarioInfo, user_ids: np.ndarray, args: argparse.Namespace
-) -> tuple[list[dict[str, Any]], float | None]:
-    """The fixed rates, then a bounded search; returns the records and the highest rate that passed."""
-    requests = request_pool(server.port, user_ids, args)
-    records: list[dict[str, Any]] = []
-    outcome: dict[float, bool] = {}
+def batch_histogram(port: int) -> dict[str, float] | None:
+    """The server's coldwarm_batch_size histogram from /metrics: count, sum and cumulative buckets."""
+    status, body = simple_get(port, "/metrics", timeout_s=5.0)
+    if status != 200:
+        return None
+    out: dict[str, float] = {}
+    for line in body.decode(errors="replace").splitlines():
+        if not line.startswith("coldwarm_batch_size"):
+            continue
+        name, _, value = line.rpartition(" ")
+        if name.startswith("coldwarm_batch_size_bucket"):
+            out["le_" + name.split('le="', 1)[1].split('"', 1)[0]] = float(value)
+        elif name in ("coldwarm_batch_size_count", "coldwarm_batch_size_sum"):
+            out[name.removeprefix("coldwarm_batch_size_")] = float(value)
+    return out
 
-    def run(rate: float, duration: float, step: str) -> None:
-        if not server.alive():
-            raise RuntimeError(f"the service died; log:\n{server.log_tail()}")
+
+def batch_sizes_between(before: dict[str, float] | None, after: dict[str, float] | None) -> dict | None:
+    """Model calls (batches) between two scrapes, the requests they computed, their mean size and the
+    share of requests computed in batches of more than one."""
+    if not before or not after or "count" not in after:
+        return None
+    batches = after["count"] - before.get("count", 0.0)
+    requests = after["sum"] - before.get("sum", 0.0)
+    alone = after.get("le_1.0", 0.0) - before.get("le_1.0", 0.0)
+    return {
+        "batches": int(batches),
+        "requests": int(requests),
+        "mean_size": round(requests / batches, 2) if batches else None,
+        "batched_request_share": round(1 - alone / requests, 3) if requests else None,
+    }
+
+
+@dataclass
+class Mode:
+    """One server of the comparison: its batching setting, process and pre-rendered requests."""
+
+    name: str  # "off" or "on"
+    max_batch: int
+    batch_wait_us: float
+    server: ServerProcess
+    requests: list[bytes]
+    cpu_pids: dict[str, int | tuple[int, int]]
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch > 1
+
+
+def mode_settings(name: str, args: argparse.Namespace) -> tuple[int, float]:
+    if name == "off":
+        return 1, 0.0
+    if name == "on":
+        return args.max_batch, args.batch_wait_us
+    raise BenchError(f"--batching takes off and on, got {name!r}")
+
+
+class Ladder:
+    """One mode's search for the highest rate held: the fixed rates upwards until one fails, then at most
+    ``steps`` more rates, x ``factor`` while every rate passed, else halfway between the highest rate
+    that passed and the lowest above it that failed (until they are within 10%)."""
+
+    def __init__(self, rates: list[float], steps: int, factor: float) -> None:
+        self.fixed = sorted(rates)
+        self.steps = max(0, steps)
+        self.factor = factor
+        self.outcome: dict[float, bool] = {}
+        self.searched = 0
+
+    def bounds(self) -> tuple[float, float | None]:
+        good = [r for r, ok in self.outcome.items() if ok]
+        lo = max(good) if good else 0.0
+        bad = [r for r, ok in self.outcome.items() if not ok and r > lo]
+        return lo, (min(bad) if bad else None)
+
+    def next(self) -> tuple[float, str] | None:
+        """The next rate to try and whether it is a fixed or a search step; None when done."""
+        lo, hi = self.bounds()
+        if hi is None:
+            for rate in self.fixed:
+                if rate > lo and rate not in self.outcome:
+                    return rate, "fixed"
+        if self.searched >= self.steps:
+            return None
+        if hi is None:
+            rate = float(round(lo * self.factor))
+        else:
+            if hi - lo <= max(1.0, 0.1 * hi):
+                return None
+            rate = float(round((lo + hi) / 2))
+        if rate <= lo or rate in self.outcome or rate < 1:
+            return None
+        self.searched += 1
+        return rate, "search"
+
+    @property
+    def best(self) -> float | None:
+        return self.bounds()[0] or None
+
+
+async def _batch_callers(
+    port: int, bodies: list[bytes], users_per_call: int, callers: int, seconds: float
+) -> dict[str, Any]:
+    """``callers`` closed-loop callers of /recommend/batch for ``seconds``: answers counted from each
+    body's bytes (an answer has an "items" list; an entry error has none)."""
+    connections = [await Connection.open(port) for _ in range(callers)]
+    started = time.perf_counter()
+    deadline = started + seconds
+    totals = {"calls": 0, "answers": 0, "degraded": 0, "errors": 0}
+    latencies: list[float] = []
+
+    async def call_loop(slot: int) -> None:
+        i = slot
+        while time.perf_counter() < deadline:
+            sent = time.perf_counter()
+            status, body, keep = await connections[slot].request(bodies[i % len(bodies)])
+            latencies.append((time.perf_counter() - sent) * 1e3)
+            i += callers
+            totals["calls"] += 1
+            if status != 200:
+                totals["errors"] += users_per_call
+            else:
+                answered = body.count(b'"items":')
+                totals["answers"] += answered
+                totals["degraded"] += body.count(b'"degraded":true')
+                totals["errors"] += users_per_call - answered
+            if not keep:
+                connections[slot].close()
+                connections[slot] = await Connection.open(port)
+
+    try:
+        await asyncio.gather(*(call_loop(slot) for slot in range(callers)))
+    finally:
+        for conn in connections:
+            conn.close()
+    elapsed = time.perf_counter() - started
+    model_answers = totals["answers"] - totals["degraded"]
+    stats = latency_summary(latencies)
+    return {
+        **totals,
+        "seconds": round(elapsed, 2),
+        "users_per_s": round(model_answers / elapsed, 1),
+        "call_p50_ms": stats["p50_ms"],
+        "call_p99_ms": stats["p99_ms"],
+    }
+
+
+def batch_endpoint(mode: Mode, user_ids: np.ndarray, args: argparse.Namespace) -> dict[str, Any]:
+    """/recommend/batch throughput of ``mode``'s server, in model-answered users per second."""
+    port, n = mode.server.port, args.batch_users
+    bodies = []
+    for b in range(16):
+        ids = request_ids(user_ids, args, n, args.seed + 100 + b)
+        payload = {"requests": [{"user_id": u, "k": args.k, "exclude_seen": True} for u in ids]}
+        bodies.append(render_request(port, "/recommend/batch", payload))
+    # One call checked in full first: every entry answered with k items, in order, from the model.
+    status, body = simple_request(
+        port, "POST", "/recommend/batch", json.loads(bodies[0].split(b"\r\n\r\n")[1])
+    )
+    answer = json.loads(body) if status == 200 else {}
+    results = answer.get("results") or []
+    if status != 200 or len(results) != n or any(len(r.get("items", ())) != args.k for r in results):
+        raise RuntimeError(f"/recommend/batch answered {status}: {body[:300]!r}")
+    runs = []
+    for callers in args.batch_callers:
+        before_hist = batch_histogram(port)
+        before = CpuSample.take(mode.cpu_pids)
+        run = run_async(_batch_callers(port, bodies, n, callers, args.batch_seconds), not args.no_uvloop)
+        cpu, busy = cpu_between(before, CpuSample.take(mode.cpu_pids))
+        answered = max(1, run["answers"])
+        run.update(
+            callers=callers,
+            server_cpu_us_per_user=round(cpu["server"] * 1e6 / answered, 1) if "server" in cpu else None,
+            cpu_seconds=cpu,
+            machine_busy_cores=busy,
+            batch_sizes=batch_sizes_between(before_hist, batch_histogram(port)),
+        )
+        log(
+            f"  [{mode.name}] /recommend/batch, {n} users/call, {callers} caller(s): "
+            f"{run['users_per_s']:.0f} users/s ({run['calls']} calls, p50 {run['call_p50_ms']} ms, "
+            f"errors {run['errors']}, degraded {run['degraded']}, "
+            f"server CPU {run['server_cpu_us_per_user']} µs/user)"
+        )
+        runs.append(run)
+        settle(mode.server, int(user_ids[0]), args)
+    best = max(runs, key=lambda r: r["users_per_s"])
+    return {
+        "batching": mode.batching,
+        "max_batch": mode.max_batch,
+        "users_per_call": n,
+        "best_users_per_s": best["users_per_s"],
+        "best_callers": best["callers"],
+        "runs": runs,
+    }
+
+
+def compare_modes(
+    modes: list[Mode], info: ScenarioInfo, user_ids: np.ndarray, args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The repeated phases at --repeat-rate, then the interleaved ladders; records and per-mode results."""
+    records: list[dict[str, Any]] = []
+    repeats: dict[str, list[dict[str, Any]]] = {m.name: [] for m in modes}
+    ladders = {m.name: Ladder(args.rates, args.search_steps, args.search_factor) for m in modes}
+    probe_user = int(user_ids[0])
+
+    def run(mode: Mode, rate: float, duration: float, step: str, seed_tag: int) -> dict[str, Any]:
+        """One phase; again (at most --noise-retries times) while other processes took more than
+        --max-other-cores of the machine during it. The phases run again stay in the records, marked
+        superseded, and count nowhere else."""
+        for attempt in range(max(0, args.noise_retries) + 1):
+            record = run_once(mode, rate, duration, step, seed_tag)
+            others = record["other_busy_cores"]
+            if others is None or others <= args.max_other_cores or attempt == args.noise_retries:
+                return record
+            record["superseded"] = f"other processes kept {others} CPUs busy"
+            log(f"  other processes kept {others} CPUs busy during that phase: running it again")
+        raise AssertionError("unreachable")
+
+    def run_once(mode: Mode, rate: float, duration: float, step: str, seed_tag: int) -> dict[str, Any]:
+        if not mode.server.alive():
+            raise RuntimeError(f"the {mode.name} service died; log:\n{mode.server.log_tail()}")
+        before = batch_histogram(mode.server.port)
         phase = run_async(
             run_phase(
-                server.port,
-                requests,
+                mode.server.port,
+                mode.requests,
                 rate,
                 duration,
                 args.warmup,
                 args.request_timeout,
                 args.max_connections,
+                arrivals=args.arrivals,
+                # The same schedule for every mode at a given rate and repeat.
+                seed=[args.seed, int(rate), seed_tag],
+                cpu_pids=mode.cpu_pids,
             ),
             use_uvloop=not args.no_uvloop,
         )
         record = http_record(info, phase, step, args)
+        record.update(
+            batching=mode.batching,
+            max_batch=mode.max_batch,
+            batch_wait_us=mode.batch_wait_us,
+            batch_sizes=batch_sizes_between(before, batch_histogram(mode.server.port)),
+        )
         records.append(record)
-        outcome[rate] = record["passed"]
         stages = record["server_stage_ms"] or {}
+        sizes = record["batch_sizes"] or {}
         log(
-            f"  {step:6s} {rate:7.0f} rps: achieved {record['achieved_rps']:7.1f}, "
+            f"  [{mode.name:3s}] {step:8s} {rate:6.0f} rps: achieved {record['achieved_rps']:7.1f}, "
             f"p50 {record['p50_ms']} p99 {record['p99_ms']} max {record['max_ms']} ms, "
-            f"errors {record['errors']}/{record['requests']} {record['error_kinds'] or ''}, "
-            f"degraded {record['degraded']}, server total {stages.get('total')} ms "
-            f"(features {stages.get('features')}, model {stages.get('model')}, "
-            f"search {stages.get('search')}) "
+            f"errors {record['errors']}/{record['requests']} {record['error_kinds'] or ''}"
+            f"degraded {record['degraded']}, server total {stages.get('total')} ms (features "
+            f"{stages.get('features')}, queue {stages.get('queue')}, model {stages.get('model')}, search "
+            f"{stages.get('search')}), batch {sizes.get('mean_size')}, server CPU "
+            f"{record['server_cpu_ms_per_request']} ms/req (event loop "
+            f"{record['server_loop_cpu_ms_per_request']}), busy {record['machine_busy_cores']} cores "
+            f"(others {record['other_busy_cores']}) "
             f"-> {'PASS' if record['passed'] else 'FAIL'}"
         )
         lag = record["client_send_lag_p99_ms"]
         if lag is not None and lag > 10.0:
             log(f"  note: sends ran up to {lag:.0f} ms late (p99): the load generator is short of CPU too")
-        settle(server, int(user_ids[0]), args)
+        settle(mode.server, probe_user, args)
+        return record
 
-    for rate in args.rates:
-        run(rate, args.duration, "fixed")
-    good = [r for r, ok in outcome.items() if ok]
-    lo = max(good) if good else 0.0
-    bad = [r for r, ok in outcome.items() if not ok and r > lo]
-    hi = min(bad) if bad else None
-    for _ in range(max(0, args.search_steps)):
-        if hi is None:
-            rate = float(round(lo * args.search_factor))
-        else:
-            if hi - lo <= max(1.0, 0.1 * hi):
-                break
-            rate = float(round((lo + hi) / 2))
-        if rate <= lo or rate in outcome or rate < 1:
+    for r in range(max(0, args.repeats)):
+        order = modes if r % 2 == 0 else modes[::-1]
+        for mode in order:
+            repeats[mode.name].append(run(mode, args.repeat_rate, args.duration, f"repeat{r + 1}", r))
+    for mode in modes:
+        if repeats[mode.name]:  # the repeats are the ladder's step at --repeat-rate
+            held = sum(rec["passed"] for rec in repeats[mode.name])
+            ladders[mode.name].outcome[args.repeat_rate] = held * 2 > len(repeats[mode.name])
+    turn = 0
+    while True:
+        order = modes if turn % 2 == 0 else modes[::-1]
+        steps = [(mode, ladders[mode.name].next()) for mode in order]
+        if all(step is None for _, step in steps):
             break
-        run(rate, args.search_duration, "search")
-        if outcome[rate]:
-            lo = rate
-        else:
-            hi = rate
-    return records, (lo or None)
+        for mode, step in steps:
+            if step is None:
+                continue
+            rate, kind = step
+            duration = args.duration if kind == "fixed" else args.search_duration
+            record = run(mode, rate, duration, kind, 100 + turn)
+            ladders[mode.name].outcome[rate] = record["passed"]
+        turn += 1
+
+    results: dict[str, Any] = {}
+    for mode in modes:
+        best = ladders[mode.name].best
+        mine = [
+            rec
+            for rec in records
+            if rec["max_batch"] == mode.max_batch
+            and rec["batch_wait_us"] == mode.batch_wait_us
+            and not rec.get("superseded")
+        ]
+        at_best = [rec for rec in mine if rec["target_rps"] == best and rec["passed"]]
+        # The held phase at the best rate (the last one, for a repeated rate) gives the CPU figures.
+        held = at_best[-1] if at_best else None
+        p99s = [rec["p99_ms"] for rec in repeats[mode.name]]
+        cpu_at_rate = [rec["server_cpu_ms_per_request"] for rec in repeats[mode.name]]
+        results[mode.name] = {
+            "batching": mode.batching,
+            "max_batch": mode.max_batch,
+            "batch_wait_us": mode.batch_wait_us,
+            "max_sustained_rps": best,
+            "repeat_rate": args.repeat_rate if p99s else None,
+            "p99_at_repeat_rate_ms": round(float(np.median(p99s)), 3) if p99s and None not in p99s else None,
+            "p99_at_repeat_rate_values_ms": p99s,
+            "repeats_passed": sum(rec["passed"] for rec in repeats[mode.name]),
+            "server_cpu_ms_per_request_at_repeat_rate": (
+                round(float(np.median(cpu_at_rate)), 4) if cpu_at_rate and None not in cpu_at_rate else None
+            ),
+            "server_cpu_ms_per_request_at_max": held["server_cpu_ms_per_request"] if held else None,
+            "server_loop_cpu_ms_per_request_at_max": held["server_loop_cpu_ms_per_request"] if held else None,
+            "redis_cpu_ms_per_request_at_max": held["redis_cpu_ms_per_request"] if held else None,
+            "client_cpu_ms_per_request_at_max": held["client_cpu_ms_per_request"] if held else None,
+            "machine_busy_cores_at_max": held["machine_busy_cores"] if held else None,
+            "batch_sizes_at_max": held["batch_sizes"] if held else None,
+            "server_stage_ms_at_max": held["server_stage_ms"] if held else None,
+            "other_busy_cores_max": max(
+                (rec["other_busy_cores"] for rec in mine if rec["other_busy_cores"] is not None), default=None
+            ),
+            "rates_tried": {str(rate): ok for rate, ok in sorted(ladders[mode.name].outcome.items())},
+        }
+    return records, results
 
 
 def index_manifest_of(artifacts_dir: Path) -> dict[str, Any]:
@@ -323,12 +699,22 @@ def manifest_recall(manifest: dict[str, Any]) -> float | None:
     return None if value is None else float(value)
 
 
-def serving_env(artifacts_dir: Path, prefix: str, index_type: str, params: dict[str, Any], args: Any) -> dict:
+def serving_env(
+    artifacts_dir: Path,
+    prefix: str,
+    index_type: str,
+    params: dict[str, Any],
+    args: Any,
+    max_batch: int = 64,
+    batch_wait_us: float = 0.0,
+) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COLDWARM_INDEX_")}
     env.update(
         COLDWARM_ARTIFACTS_DIR=str(Path(artifacts_dir).resolve()),
         COLDWARM_REDIS_URL=args.redis_url,
         COLDWARM_KEY_PREFIX=prefix,
+        COLDWARM_MAX_BATCH=str(max_batch),
+        COLDWARM_BATCH_WAIT_US=f"{batch_wait_us:g}",
         PYTHONUNBUFFERED="1",
     )
     env.pop("COLDWARM_ADMIN_TOKEN", None)  # no admin endpoint in a benchmark
@@ -342,33 +728,126 @@ def serving_env(artifacts_dir: Path, prefix: str, index_type: str, params: dict[
     return env
 
 
+def redis_pid(url: str) -> int | None:
+    """Redis's process id when it runs on this machine (its CPU time is then readable)."""
+    client = connect_redis(url)
+    try:
+        pid = int(client.info("server").get("process_id", 0))
+    finally:
+        client.close()
+    return pid if pid and Path(f"/proc/{pid}/stat").exists() else None
+
+
 def serve_scenario(
     info: ScenarioInfo, artifacts_dir: Path, prefix: str, user_ids: np.ndarray, args: argparse.Namespace
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    env = serving_env(artifacts_dir, prefix, info.index_type, info.index_params, args)
-    log(f"{info.scenario}: starting the service ({info.index_type}, {info.catalog_size} items)")
-    started = time.perf_counter()
-    with ServerProcess(env, REPO) as server:
-        log(f"  ready on {server.url} after {time.perf_counter() - started:.1f}s")
-        records, best = rate_ladder(server, info, user_ids, args)
-    summary = {
-        "scenario": info.scenario,
-        "catalog_size": info.catalog_size,
-        "index_type": info.index_type,
-        "max_sustained_rps": best,
-        "criteria": {
-            "p99_ms": args.slo_p99_ms,
-            "max_error_rate": args.max_error_rate,
-            "max_degraded_rate": args.max_degraded_rate,
-            "min_achieved_fraction": args.min_achieved,
-        },
-        "server_env": {k: v for k, v in env.items() if k.startswith("COLDWARM_") and "TOKEN" not in k},
-    }
-    log(f"{info.scenario}: highest rate held {best} rps")
-    return records, summary
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every --batching mode served at once, measured in turn; (records, summaries, batch endpoint runs)."""
+    shared_pids = {"client": os.getpid()}
+    if (pid := redis_pid(args.redis_url)) is not None:
+        shared_pids["redis"] = pid
+    with contextlib.ExitStack() as stack:
+        modes: list[Mode] = []
+        envs: dict[str, dict[str, str]] = {}
+        ready: dict[str, Any] = {}
+        for name in args.batching:
+            max_batch, wait_us = mode_settings(name, args)
+            env = serving_env(
+                artifacts_dir, prefix, info.index_type, info.index_params, args, max_batch, wait_us
+            )
+            log(
+                f"{info.scenario}: starting the {name} service ({info.index_type}, {info.catalog_size} "
+                f"items, max batch {max_batch}, wait {wait_us:g} µs)"
+            )
+            started = time.perf_counter()
+            server = stack.enter_context(ServerProcess(env, REPO))
+            log(f"  ready on {server.url} after {time.perf_counter() - started:.1f}s")
+            assert server.process is not None
+            pid = server.process.pid
+            pids: dict[str, int | tuple[int, int]] = {"server": pid, "server_loop": (pid, pid), **shared_pids}
+            requests = request_pool(server.port, user_ids, args)
+            modes.append(Mode(name, max_batch, wait_us, server, requests, pids))
+            envs[name] = env
+            status, body = simple_get(server.port, "/readyz")
+            with contextlib.suppress(ValueError):
+                ready[name] = json.loads(body) if status == 200 else {"status": status}
+        records, results = compare_modes(modes, info, user_ids, args)
+        endpoint = []
+        if args.batch_seconds > 0 and args.batch_callers:
+            for mode in modes:
+                if mode.batching:
+                    endpoint.append({"scenario": info.scenario, **batch_endpoint(mode, user_ids, args)})
+    summaries = []
+    for name, result in results.items():
+        env = envs[name]
+        summaries.append(
+            {
+                "scenario": info.scenario,
+                "catalog_size": info.catalog_size,
+                "index_type": info.index_type,
+                **result,
+                "criteria": {
+                    "p99_ms": args.slo_p99_ms,
+                    "max_error_rate": args.max_error_rate,
+                    "max_degraded_rate": args.max_degraded_rate,
+                    "min_achieved_fraction": args.min_achieved,
+                    "arrivals": args.arrivals,
+                },
+                "server_env": {
+                    k: v for k, v in env.items() if k.startswith("COLDWARM_") and "TOKEN" not in k
+                },
+                "readyz": ready.get(name),
+            }
+        )
+        log(
+            f"{info.scenario} [{name}]: highest rate held {result['max_sustained_rps']} rps, p99 at "
+            f"{args.repeat_rate:g} rps {result['p99_at_repeat_rate_ms']} ms (median of "
+            f"{result['p99_at_repeat_rate_values_ms']}), server CPU at the highest rate "
+            f"{result['server_cpu_ms_per_request_at_max']} ms/request"
+        )
+    return records, summaries, endpoint
 
 
-def movielens_scenario(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else round(a / b, 3)
+
+
+def target(value: float | None, goal: float, at_most: bool, unit: str, what: str) -> dict[str, Any]:
+    ok = None if value is None else (value <= goal if at_most else value >= goal)
+    return {"what": what, "value": value, "goal": f"{'<=' if at_most else '>='} {goal:g}{unit}", "pass": ok}
+
+
+def targets_of(summaries: list[dict[str, Any]], floor: dict[str, Any] | None, endpoint: list[dict]) -> dict:
+    """Issue 11's targets, each with the value measured in this run and whether it passed."""
+    on = next((s for s in summaries if s["batching"]), None)
+    off = next((s for s in summaries if not s["batching"]), None)
+    floor_us = ((floor or {}).get("floor") or {}).get("floor_us_per_request")
+    store = (floor or {}).get("store_vs_plain") or {}
+    cpu_on = on and on.get("server_cpu_ms_per_request_at_max")
+    repeats = f"median of {len(on['p99_at_repeat_rate_values_ms'])}" if on else ""
+    best_batch = max((e["best_users_per_s"] for e in endpoint), default=None)
+    return {
+        "batched_vs_unbatched_max_rps": target(
+            ratio(on and on["max_sustained_rps"], off and off["max_sustained_rps"]),
+            2.5, False, "x", "highest rate held, batching on / off",
+        ),
+        "p99_at_500_rps_batching_on_ms": target(
+            on and on["p99_at_repeat_rate_ms"], 4.0, True, " ms",
+            f"p99 at {on and on['repeat_rate']} rps with batching on, {repeats}",
+        ),
+        "cpu_per_request_vs_floor": target(
+            ratio(cpu_on * 1e3 if cpu_on else None, floor_us), 3.0, True, "x",
+            "server CPU per request at the highest rate held (batching on) / batched floor",
+        ),
+        "batch_endpoint_users_per_s": target(
+            best_batch, 20_000, False, " users/s", "/recommend/batch, best of the callers tried"
+        ),
+        "store_read_vs_plain": target(
+            store.get("ratio_p50"), 1.3, True, "x", "store read of one user / plain redis-py read, p50"
+        ),
+    }  # fmt: skip
+
+
+def movielens_scenario(args: argparse.Namespace) -> dict[str, Any]:
     from model.artifacts import ArtifactError, load_artifacts
     from model.data.loading import load_dataset
 
@@ -388,6 +867,7 @@ def movielens_scenario(args: argparse.Namespace) -> tuple[list[dict[str, Any]], 
     if warning:
         log(warning)
     user_ids = np.union1d(data.users["user_id"].to_numpy(np.int64), data.interactions["user_id"].to_numpy())
+    user_ids = user_ids.astype(np.int64)
     name = "movielens" if Path(str(args.data)).is_dir() else f"http-{data.name}"
     params = dict(manifest.get("params", {}))
     params["recall_k"] = manifest.get("recall_k")
@@ -398,11 +878,57 @@ def movielens_scenario(args: argparse.Namespace) -> tuple[list[dict[str, Any]], 
         index_params=params,
         recall_at_100=manifest_recall(manifest),
     )
+    floor = None
     with users_in_redis(args, data, artifacts.encoder.config.max_history) as prefix:
-        records, summary = serve_scenario(info, artifacts.directory, prefix, user_ids.astype(np.int64), args)
-    summary["model_version"] = artifacts.version
-    summary["index_version"] = manifest.get("index_version")
-    return records, [summary]
+        if not args.skip_floor:
+            log(
+                f"floor: {args.floor_reps} x (plain MULTI read + compute_batch) of 64 users; "
+                "store vs plain read"
+            )
+            started = time.perf_counter()
+            floor = measure_in_subprocess(
+                artifacts.directory, prefix, user_ids, args.redis_url, k=args.k,
+                unknown_fraction=args.unknown_fraction, seed=args.seed, reps=args.floor_reps,
+                store_rounds=args.store_rounds, store_calls=args.store_calls,
+            )  # fmt: skip
+            log_floor(floor, time.perf_counter() - started)
+        records, summaries, endpoint = serve_scenario(info, artifacts.directory, prefix, user_ids, args)
+    floor_us = ((floor or {}).get("floor") or {}).get("floor_us_per_request")
+    for summary in summaries:
+        summary["model_version"] = artifacts.version
+        summary["index_version"] = manifest.get("index_version")
+        cpu = summary["server_cpu_ms_per_request_at_max"]
+        summary["floor_us_per_request"] = floor_us
+        summary["cpu_vs_floor_at_max"] = ratio(cpu * 1e3 if cpu else None, floor_us)
+        summary["batch_endpoint_users_per_s"] = next(
+            (e["best_users_per_s"] for e in endpoint if e["max_batch"] == summary["max_batch"]), None
+        )
+    return {
+        "records": records,
+        "summary": summaries,
+        "floor": floor,
+        "batch_endpoint": endpoint,
+        "targets": targets_of(summaries, floor, endpoint),
+    }
+
+
+def log_floor(floor: dict[str, Any], seconds: float) -> None:
+    if "error" in floor:
+        log(f"  floor failed: {floor['error']}")
+        return
+    f, store = floor["floor"], floor["store_vs_plain"]
+    log(
+        f"  floor {f['floor_us_per_request']} µs/request (read of {f['batch']} {f['read']['median_ms']} ms + "
+        f"compute_batch {f['compute']['median_ms']} ms; CPU {f['floor_cpu_us_per_request']} µs/request) "
+        f"in {seconds:.0f}s"
+    )
+    if "error" in store:
+        log(f"  store vs plain: {store['error']}")
+    else:
+        log(
+            f"  store read of one user p50 {store['store']['p50_us']} µs vs plain "
+            f"{store['plain']['p50_us']} µs: {store['ratio_p50']}x; Feast: {store['feast']}"
+        )
 
 
 # ----- synthetic catalogs -----------------------------------------------------------------------------------
@@ -727,9 +1253,9 @@ def synthetic_serving(
                 params = index_params(settings, cat.n)
                 params["recall_from"] = "offline tuning (realistic queries); served tower is untrained"
                 info = ScenarioInfo(f"synthetic-{label}-http", cat.n, kind, params, round(recall, 4))
-                phase_records, summary = serve_scenario(info, directory, prefix, user_ids, args)
+                phase_records, served, _ = serve_scenario(info, directory, prefix, user_ids, args)
                 records.extend(phase_records)
-                summaries.append(summary)
+                summaries.extend(served)
     return records, summaries
 
 
@@ -750,25 +1276,134 @@ def _params_text(record: dict[str, Any]) -> str:
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
     head = (
-        "| scenario | step | items | index | params | target rps | achieved rps | p50 ms | p90 ms | p99 ms "
-        "| max ms | errors | degraded | recall@100 | server features / model / search / total ms | s |"
+        "| scenario | batching | step | items | index | params | target rps | achieved rps | p50 ms | p90 ms "
+        "| p99 ms | max ms | errors | degraded | recall@100 "
+        "| server features / queue / model / search / total ms | mean batch | server CPU ms/req | s |"
     )
-    lines = [head, "|" + "---|" * 16]
+    lines = [head, "|" + "---|" * 19]
     for r in records:
         stages = r.get("server_stage_ms")
         stage_text = (
-            " / ".join(_fmt(stages.get(s), 2) for s in ("features", "model", "search", "total"))
+            " / ".join(_fmt(stages.get(s), 2) for s in ("features", "queue", "model", "search", "total"))
             if stages
             else "–"
         )
         mark = "" if r.get("passed") is None else (" ✓" if r["passed"] else " ✗")
+        if r.get("superseded"):
+            mark += " (noisy: run again)"
+        batching = "–" if r.get("batching") is None else ("on" if r["batching"] else "off")
+        sizes = r.get("batch_sizes") or {}
         lines.append(
-            f"| {r['scenario']} | {r.get('step', '')}{mark} | {r['catalog_size']} | {r['index_type']} "
-            f"| {_params_text(r)} | {_fmt(r['target_rps'], 0)} | {_fmt(r['achieved_rps'])} "
+            f"| {r['scenario']} | {batching} | {r.get('step', '')}{mark} | {r['catalog_size']} "
+            f"| {r['index_type']} | {_params_text(r)} | {_fmt(r['target_rps'], 0)} "
+            f"| {_fmt(r['achieved_rps'])} "
             f"| {_fmt(r['p50_ms'], 2)} | {_fmt(r['p90_ms'], 2)} | {_fmt(r['p99_ms'], 2)} "
             f"| {_fmt(r['max_ms'], 2)} "
             f"| {r['errors']} | {_fmt(r['degraded'])} | {_fmt(r['recall_at_100'], 4)} | {stage_text} "
+            f"| {_fmt(sizes.get('mean_size'), 2)} | {_fmt(r.get('server_cpu_ms_per_request'), 3)} "
             f"| {_fmt(r['duration_s'])} |"
+        )
+    return "\n".join(lines)
+
+
+def comparison_table(result: dict[str, Any]) -> str:
+    """Batching off against on, side by side, for the HTTP scenarios that compared them."""
+    summaries = [s for s in result["summary"] if "batching" in s]
+    if not summaries:
+        return ""
+    floor = result.get("floor") or {}
+    store = floor.get("store_vs_plain") or {}
+    columns = [f"{s['scenario']} batching {'on' if s['batching'] else 'off'}" for s in summaries]
+
+    def values(s: dict[str, Any]) -> list[str]:
+        sizes = s.get("batch_sizes_at_max") or {}
+        p99s = ", ".join(_fmt(v, 2) for v in s.get("p99_at_repeat_rate_values_ms") or [])
+        return [
+            f"{_fmt(s['max_batch'])} / {_fmt(s['batch_wait_us'], 0)} µs",
+            _fmt(s["max_sustained_rps"], 0),
+            f"{_fmt(s['p99_at_repeat_rate_ms'], 2)} ({p99s})",
+            f"{s.get('repeats_passed')}/{len(s.get('p99_at_repeat_rate_values_ms') or [])}",
+            _fmt(s.get("server_cpu_ms_per_request_at_repeat_rate"), 3),
+            _fmt(s.get("server_cpu_ms_per_request_at_max"), 3),
+            _fmt(s.get("server_loop_cpu_ms_per_request_at_max"), 3),
+            _fmt(s.get("redis_cpu_ms_per_request_at_max"), 3),
+            _fmt(s.get("client_cpu_ms_per_request_at_max"), 3),
+            _fmt(s.get("machine_busy_cores_at_max"), 2),
+            _fmt(sizes.get("mean_size"), 2),
+            _fmt(s.get("floor_us_per_request"), 1),
+            _fmt(s.get("cpu_vs_floor_at_max"), 2),
+            _fmt(s.get("batch_endpoint_users_per_s"), 0),
+            _fmt(s.get("other_busy_cores_max"), 2),
+        ]
+
+    per_call = (result.get("batch_endpoint") or [{}])[0].get("users_per_call", "–")
+    rows = [
+        "max batch / batch wait",
+        f"highest rate held, rps (p99 <= {summaries[0]['criteria']['p99_ms']:g} ms)",
+        f"p99 at {_fmt(summaries[0].get('repeat_rate'), 0)} rps, ms: median (each run)",
+        "runs at that rate that held",
+        "server CPU ms / request at that rate (median)",
+        "server CPU ms / request at the highest rate held",
+        "  of which the event-loop thread (the rest: model thread)",
+        "Redis CPU ms / request at the highest rate held",
+        "load generator CPU ms / request at the highest rate held",
+        "machine CPUs busy at the highest rate held",
+        "mean batch size at the highest rate held",
+        "batched floor, µs / request",
+        "server CPU / floor at the highest rate held",
+        f"/recommend/batch users/s ({per_call}/call)",
+        "CPUs kept busy by other processes, worst phase (noise)",
+    ]
+    cells = [values(s) for s in summaries]
+    lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {row} | " + " | ".join(c[i] for c in cells) + " |" for i, row in enumerate(rows)]
+    notes = []
+    if floor.get("floor"):
+        f = floor["floor"]
+        notes.append(
+            f"Floor: plain MULTI read of {f['batch']} users {f['read']['median_ms']} ms + compute_batch "
+            f"{f['compute']['median_ms']} ms (medians of {f['reps']}) = {f['floor_us_per_request']} µs / "
+            f"request; CPU time of the same {f['floor_cpu_us_per_request']} µs / request."
+        )
+    elif floor.get("error"):
+        notes.append(f"Floor: failed: {floor['error']}")
+    if store.get("ratio_p50") is not None:
+        notes.append(
+            f"Store read of one user: p50 {store['store']['p50_us']} µs vs plain redis-py "
+            f"{store['plain']['p50_us']} µs = {store['ratio_p50']}x (mean {store['ratio_mean']}x; "
+            f"{store['rounds']} rounds of {store['calls_per_round']} calls). Feast SDK: {store['feast']}."
+        )
+    elif store.get("error"):
+        notes.append(f"Store vs plain: {store['error']}")
+    for e in result.get("batch_endpoint") or []:
+        runs = ", ".join(
+            f"{r['callers']} caller(s) {_fmt(r['users_per_s'], 0)} users/s (p50 {r['call_p50_ms']} "
+            f"ms/call, server CPU {r['server_cpu_us_per_user']} µs/user, degraded {r['degraded']}, "
+            f"errors {r['errors']})"
+            for r in e["runs"]
+        )
+        notes.append(f"/recommend/batch ({e['scenario']}, max batch {e['max_batch']}): {runs}.")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def targets_table(targets: dict[str, Any]) -> str:
+    lines = ["| target | measured | goal | |", "|---|---|---|---|"]
+    for t in targets.values():
+        mark = "–" if t["pass"] is None else ("pass" if t["pass"] else "**miss**")
+        lines.append(f"| {t['what']} | {_fmt(t['value'], 3)} | {t['goal']} | {mark} |")
+    return "\n".join(lines)
+
+
+def summary_lines(result: dict[str, Any]) -> str:
+    lines = []
+    for s in result["summary"]:
+        mode = "" if "batching" not in s else f", batching {'on' if s['batching'] else 'off'}"
+        lines.append(
+            f"- {s['scenario']} ({s['index_type']}, {s['catalog_size']} items{mode}): highest rate held "
+            f"{_fmt(s['max_sustained_rps'], 0)} rps (p99 <= {s['criteria']['p99_ms']} ms, errors <= "
+            f"{s['criteria']['max_error_rate']:.0%}, degraded <= {s['criteria']['max_degraded_rate']:.0%}, "
+            f"achieved >= {s['criteria']['min_achieved_fraction']:.0%}, "
+            f"{s['criteria'].get('arrivals', 'uniform')} arrivals)"
         )
     return "\n".join(lines)
 
@@ -776,34 +1411,45 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 def write_results(out: Path, result: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown_table(result["records"])
-    summary = "\n".join(
-        f"- {s['scenario']} ({s['index_type']}, {s['catalog_size']} items): highest rate held "
-        f"{_fmt(s['max_sustained_rps'], 0)} rps (p99 <= {s['criteria']['p99_ms']} ms, errors <= "
-        f"{s['criteria']['max_error_rate']:.0%}, degraded <= {s['criteria']['max_degraded_rate']:.0%}, "
-        f"achieved >= {s['criteria']['min_achieved_fraction']:.0%})"
-        for s in result["summary"]
-    )
-    out.with_suffix(".md").write_text(f"{table}\n\n{summary}\n")
-    print()
-    print(table)
+    parts = []
+    if result.get("command"):
+        parts.append(f"Command: `{result['command']}`")
+    comparison = comparison_table(result)
+    if comparison:
+        parts.append(comparison)
+    if result.get("targets"):
+        parts.append(targets_table(result["targets"]))
+    if result["records"]:
+        parts.append(markdown_table(result["records"]))
+    summary = summary_lines(result)
     if summary:
-        print()
-        print(summary)
+        parts.append(summary)
+    text = "\n\n".join(parts) + "\n"
+    out.with_suffix(".md").write_text(text)
+    print()
+    print(text)
 
 
 def http_seconds(args: argparse.Namespace) -> float:
-    """Upper bound of one HTTP scenario: start, phases, search steps, settling."""
-    fixed = sum(args.warmup + args.duration + 2.0 for _ in args.rates)
-    search = max(0, args.search_steps) * (args.warmup + args.search_duration + 2.0)
-    return 15.0 + fixed + search
+    """Upper bound of one HTTP scenario: starts, repeats, ladder steps, batch endpoint, settling."""
+    modes = max(1, len(args.batching))
+    phase = args.warmup + args.duration + 2.0
+    repeats = max(0, args.repeats) * modes * phase
+    fixed = len(args.rates) * modes * phase
+    search = max(0, args.search_steps) * modes * (args.warmup + args.search_duration + 2.0)
+    endpoint = len(args.batch_callers) * (args.batch_seconds + 2.0) * args.batching.count("on")
+    return 20.0 * modes + repeats + fixed + search + endpoint
 
 
 def plan_text(args: argparse.Namespace) -> str:
     parts = []
     if not args.skip_movielens:
-        parts.append(f"HTTP scenario over {args.artifacts} (at most ~{http_seconds(args) / 60:.1f} min)")
-    if not args.skip_synthetic:
+        floor = "" if args.skip_floor else "floor and store read (~1 min), then "
+        parts.append(
+            f"HTTP scenario over {args.artifacts}: {floor}batching {' vs '.join(args.batching)} "
+            f"(at most ~{http_seconds(args) / 60:.1f} min)"
+        )
+    if run_synthetic(args):
         sizes = ", ".join(size_label(n) for n in args.sizes)
         text = f"synthetic catalogs {sizes} with {', '.join(args.types)}"
         if args.serve_synthetic:
@@ -811,6 +1457,10 @@ def plan_text(args: argparse.Namespace) -> str:
             text += f", each served over HTTP ({served} x ~{http_seconds(args) / 60:.1f} min + index builds)"
         parts.append(text)
     return "; ".join(parts) or "nothing to do"
+
+
+def run_synthetic(args: argparse.Namespace) -> bool:
+    return (args.synthetic or args.serve_synthetic) and not args.skip_synthetic
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -822,6 +1472,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     started = time.perf_counter()
     result: dict[str, Any] = {
+        "command": shlex.join(
+            ["python", "bench/serve_latency.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "machine": machine_info(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "records": [],
@@ -830,11 +1483,14 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     log(f"plan: {plan_text(args)}")
     try:
+        for name in args.batching:
+            mode_settings(name, args)
         if not args.skip_movielens:
-            records, summaries = movielens_scenario(args)
-            result["records"] += records
-            result["summary"] += summaries
-        if not args.skip_synthetic:
+            movielens = movielens_scenario(args)
+            result["records"] += movielens.pop("records")
+            result["summary"] += movielens.pop("summary")
+            result.update(movielens)
+        if run_synthetic(args):
             for n in args.sizes:
                 cat = make_catalog(n, args.dim, args.seed)
                 records, tuned = synthetic_offline(cat, args)
@@ -853,6 +1509,7 @@ def main(argv: list[str] | None = None) -> int:
         status = 130
     finally:
         result["wall_seconds"] = round(time.perf_counter() - started, 1)
+        result["machine"]["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         if result["records"]:
             write_results(args.out, result)
             log(f"wrote {args.out} and {args.out.with_suffix('.md')} ({result['wall_seconds']}s)")
