@@ -55,10 +55,11 @@ from redis.asyncio import Redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from model.data.schema import InteractionData, make_interaction_data  # noqa: E402
+from service.feature_store.client import create_client  # noqa: E402
 from service.feature_store.keys import KeyLayout  # noqa: E402
 from service.feature_store.loader import bulk_load  # noqa: E402
 from service.feature_store.records import DEFAULT_CAP, records_from_interactions  # noqa: E402
-from service.feature_store.redis_store import RedisFeatureStore, create_client, parse_record  # noqa: E402
+from service.feature_store.redis_store import RedisFeatureStore, parse_record  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 log = logging.getLogger("bench.store_read")

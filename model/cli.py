@@ -435,20 +435,22 @@ def load_features_for_serving(loaded: InteractionData, settings: Settings) -> No
 
 def load_into_redis(loaded: InteractionData, settings: Settings) -> None:
     import redis
+    from redis.exceptions import RedisClusterException
 
     from service.feature_store import KeyLayout
+    from service.feature_store.client import create_sync_client
     from service.feature_store.loader import bulk_load
-    from service.settings import ServiceSettings
+    from service.settings import ServiceSettings, redacted_url
 
     service_settings = ServiceSettings()
     if not service_settings.redis_url:
         raise fail("set COLDWARM_REDIS_URL (e.g. redis://127.0.0.1:6379/0) to load features into Redis")
-    client = redis.Redis.from_url(service_settings.redis_url)
+    client = create_sync_client(service_settings.redis_url, service_settings.redis_cluster)
     layout = KeyLayout(service_settings.key_prefix, service_settings.key_schema_version)
     try:
         stats = bulk_load(client, layout, loaded, cap=settings.features.max_history)
-    except redis.RedisError as error:
-        raise fail(f"Redis at {service_settings.redis_url}: {error}") from error
+    except (redis.RedisError, RedisClusterException) as error:
+        raise fail(f"Redis at {redacted_url(service_settings.redis_url)}: {error}") from error
     finally:
         client.close()
     log.info("loaded %d users, %d actions into Redis in %.1fs", stats.users, stats.actions, stats.seconds)

@@ -33,13 +33,16 @@ def make_store(settings: ServiceSettings, cap: int) -> tuple[FeatureStore, str]:
             "(not shared between processes, lost on restart)"
         )
         return MemoryFeatureStore(cap=cap), "memory"
-    from service.feature_store.redis_store import RedisFeatureStore, create_client
+    from service.feature_store.client import create_client
+    from service.feature_store.redis_store import RedisFeatureStore
 
     timeout_s = settings.redis_timeout_ms / 1000
-    client = create_client(settings.redis_url, settings.redis_max_connections, timeout_s)
+    cluster = settings.redis_cluster
+    client = create_client(settings.redis_url, settings.redis_max_connections, timeout_s, cluster)
     layout = KeyLayout(settings.key_prefix, settings.key_schema_version)
-    log.info("feature store: Redis at %s, keys %s", redacted_url(settings.redis_url), layout.pattern())
-    return RedisFeatureStore(client, layout, cap=cap, timeout_s=timeout_s), "redis"
+    kind = "redis-cluster" if cluster else "redis"
+    log.info("feature store: %s at %s, keys %s", kind, redacted_url(settings.redis_url), layout.pattern())
+    return RedisFeatureStore(client, layout, cap=cap, timeout_s=timeout_s), kind
 
 
 async def load_startup_bundle(

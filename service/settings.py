@@ -20,6 +20,11 @@ class ServiceSettings(BaseSettings):
 
     artifacts_dir: Path = Field(Path("artifacts"), description="artifacts root (with LATEST) or version dir")
     redis_url: str | None = Field(None, description="e.g. redis://127.0.0.1:6379/0; unset: in-process store")
+    redis_cluster: bool = Field(
+        False,
+        description="COLDWARM_REDIS_URL names a node of a Redis Cluster: the store uses redis-py's "
+        "RedisCluster (one MULTI per slot, scripts routed by their keys)",
+    )
     redis_timeout_ms: float = Field(
         100.0,
         gt=0,

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis_cluster import Cluster, cluster_tools_missing, running_cluster
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
@@ -14,6 +15,16 @@ REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 # the tests that export through the command line would pay it many times over. tests/test_compiled_tower.py
 # compiles on purpose; every other export (and the subprocesses started here) writes TorchScript only.
 os.environ.setdefault("COLDWARM_EXPORT__COMPILED_TOWER", "off")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real Redis Cluster (3 masters, 3 replicas) on loopback ports, for the whole session."""
+    missing = cluster_tools_missing()
+    if missing:
+        pytest.skip(f"no Redis Cluster: {missing}")
+    with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,9 @@ import pandas as pd
 import pytest
 import redis
 import redis.asyncio as aredis
+from redis.cluster import RedisCluster
 from redis.crc import key_slot
+from redis_cluster import Cluster  # noqa: E402
 
 from model.data.schema import InteractionData, make_interaction_data
 from model.data.synthetic import generate_synthetic
@@ -29,6 +31,7 @@ from model.features import FeatureEncoder
 from model.ranker import encode_points
 from model.settings import FeatureConfig
 from service.feature_store import FeatureStore, FeatureStoreError, RedisFeatureStore
+from service.feature_store.client import create_client
 from service.feature_store.keys import KeyLayout
 from service.feature_store.loader import bulk_load, load_memory_store
 from service.feature_store.memory_store import MemoryFeatureStore
@@ -38,7 +41,6 @@ from service.feature_store.records import (
     records_from_interactions,
     records_to_raw_users,
 )
-from service.feature_store.redis_store import create_client
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
@@ -57,12 +59,21 @@ def layout(redis_client: redis.Redis) -> Iterator[KeyLayout]:
 
 
 class Backend:
-    """One store kind: opens stores (inside a running loop) and bulk-loads data into them."""
+    """One store kind: opens stores (inside a running loop) and bulk-loads data into them. "redis" is
+    the real Redis of these machines, "redis-cluster" a real 3-master cluster (tests/redis_cluster.py):
+    the same tests run on both, as redis-py runs its suite on a server and on a cluster."""
 
-    def __init__(self, kind: str, layout: KeyLayout | None = None, sync: redis.Redis | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        layout: KeyLayout | None = None,
+        sync: redis.Redis | RedisCluster | None = None,
+        url: str = REDIS_URL,
+    ) -> None:
         self.kind = kind
         self.layout = layout
         self.sync = sync
+        self.url = url
         self.memory = MemoryFeatureStore(cap=CAP)  # kept across asyncio.run calls of one test
 
     @asynccontextmanager
@@ -70,8 +81,10 @@ class Backend:
         if self.kind == "memory":
             yield self.memory
             return
-        # Its blocking pool queues the concurrency test's 200 callers; the default pool fails them.
-        client = create_client(REDIS_URL, max_connections=16, timeout_s=timeout_s)
+        # 16 connections for 200 concurrent callers: a blocking pool (one Redis) or the store's own
+        # limit (a cluster) queues them; the default pool fails them.
+        cluster = self.kind == "redis-cluster"
+        client = create_client(self.url, max_connections=16, timeout_s=timeout_s, cluster=cluster)
         try:
             yield RedisFeatureStore(client, self.layout, cap=CAP, timeout_s=timeout_s)
         finally:
@@ -91,10 +104,23 @@ class Backend:
             bulk_load(self.sync, self.layout, data, cap=CAP, progress=False)
 
 
-@pytest.fixture(params=["redis", "memory"])
+@pytest.fixture()
+def cluster_layout(redis_cluster: Cluster) -> Iterator[tuple[KeyLayout, RedisCluster]]:
+    layout = KeyLayout(prefix=f"coldwarm-test-{uuid.uuid4().hex}")
+    client = redis_cluster.client()
+    yield layout, client
+    for key in list(client.scan_iter(match=layout.pattern(), count=1000)):
+        client.delete(key)  # one by one: the keys of several users lie in several slots
+    client.close()
+
+
+@pytest.fixture(params=["redis", "redis-cluster", "memory"])
 def backend(request: pytest.FixtureRequest) -> Backend:
     if request.param == "memory":
         return Backend("memory")
+    if request.param == "redis-cluster":
+        layout, client = request.getfixturevalue("cluster_layout")
+        return Backend("redis-cluster", layout, client, request.getfixturevalue("redis_cluster").url)
     return Backend("redis", request.getfixturevalue("layout"), request.getfixturevalue("redis_client"))
 
 
@@ -422,9 +448,13 @@ class LossyProxy:
             server_w.close()
 
 
-def test_an_event_whose_reply_is_lost_is_applied_once(layout: KeyLayout, redis_client: redis.Redis) -> None:
-    """redis-py retries a command once after a connection error; the event id makes the retried
-    script a no-op instead of a second interaction."""
+@pytest.mark.parametrize("event_id", ["two", None], ids=["caller's id", "no id"])
+def test_an_event_whose_reply_is_lost_is_applied_once(
+    layout: KeyLayout, redis_client: redis.Redis, event_id: str | None
+) -> None:
+    """redis-py retries a command once after a connection error; the event id (the caller's, or the
+    store's own when the caller sent none) makes the retried script a no-op instead of a second
+    interaction."""
 
     async def scenario() -> UserRecord:
         proxy = LossyProxy()
@@ -435,7 +465,7 @@ def test_an_event_whose_reply_is_lost_is_applied_once(layout: KeyLayout, redis_c
             store = RedisFeatureStore(client, layout, cap=CAP, timeout_s=2.0)
             await store.record_event(42, 100, 1_000, "one")  # loads the script
             proxy.armed = True
-            return await store.record_event(42, 200, 1_060, "two")
+            return await store.record_event(42, 200, 1_060, event_id)
         finally:
             await client.aclose()
             server.close()

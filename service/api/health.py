@@ -6,7 +6,8 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.state import State
+from service.feature_store import FeatureStoreError
+from service.state import ServiceState, State
 
 router = APIRouter(tags=["health"])
 
@@ -19,16 +20,20 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(state: State) -> JSONResponse:
-    """Artifacts are loaded and the feature store answers; 503 otherwise. Without Redis the service
+    """Artifacts are loaded and the feature store answers (a cluster: every slot served); 503 otherwise.
+    Without Redis the service
     still serves, degraded, but a load balancer should prefer a ready instance; without artifacts it
     serves nothing, and the body says why."""
     recommender = state.recommender
     bundle = recommender.bundle
     store_ok = await state.store.ping()
     ready = store_ok and bundle is not None
+    feature_store: dict[str, object] = {"kind": state.store_kind, "reachable": store_ok}
+    if state.store_kind == "redis-cluster":
+        feature_store["cluster_state"] = await cluster_state(state)
     body = {
         "ready": ready,
-        "feature_store": {"kind": state.store_kind, "reachable": store_ok},
+        "feature_store": feature_store,
         "artifacts": {"loaded": bundle is not None, "error": recommender.load_error},
         "model_version": bundle.model_version if bundle else None,
         "index_version": bundle.index_version if bundle else None,
@@ -39,6 +44,14 @@ async def readyz(state: State) -> JSONResponse:
         "batching": {"max_batch": recommender.batcher.max_batch, "wait_us": recommender.batcher.wait_s * 1e6},
     }
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def cluster_state(state: ServiceState) -> str:
+    """ "ok", "fail" (some slot is not served) or "unreachable" (no node answered in time)."""
+    try:
+        return await state.store.cluster_state() or "unknown"  # type: ignore[attr-defined]
+    except FeatureStoreError:
+        return "unreachable"
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

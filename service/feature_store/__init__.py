@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from service.feature_store.errors import FeatureStoreError
 from service.feature_store.keys import KeyLayout
 from service.feature_store.memory_store import MemoryFeatureStore
 from service.feature_store.records import (
@@ -21,7 +22,7 @@ from service.feature_store.records import (
 )
 
 if TYPE_CHECKING:
-    from service.feature_store.redis_store import FeatureStoreError, RedisFeatureStore
+    from service.feature_store.redis_store import RedisFeatureStore
 
 __all__ = [
     "DEFAULT_CAP",
@@ -66,7 +67,7 @@ class FeatureStore(Protocol):
 def __getattr__(name: str) -> Any:
     # The Redis names import redis-py, which only the "serve" extra installs; the memory store and the
     # records must stay importable without it.
-    if name in ("RedisFeatureStore", "FeatureStoreError"):
+    if name == "RedisFeatureStore":
         from service.feature_store import redis_store
 
         return getattr(redis_store, name)

@@ -9,17 +9,18 @@ as missing, and the user is served with what remains.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
+import uuid
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.crc import key_slot
 
 from model.data.schema import PROFILE_FIELDS
+from service.feature_store.client import DEFAULT_TIMEOUT_S, AsyncClient, cluster_connections, is_cluster
+from service.feature_store.errors import FeatureStoreError, as_store_error, redis_failures
 from service.feature_store.keys import EVENT_IDS_FIELD, KeyLayout, as_user_id
 from service.feature_store.records import (
     DEFAULT_CAP,
@@ -32,9 +33,9 @@ from service.feature_store.records import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 0.1
-
 _INTEGER = re.compile(r"-?[0-9]+")
+# Ids the store gives events that came without one (the API's ids cannot contain "~").
+AUTO_EVENT_ID_PREFIX = "~"
 # The hash fields a record reads, as (name, name as redis-py returns it without decoding).
 _PROFILE_KEYS = tuple((name, name.encode()) for name in PROFILE_FIELDS)
 _COUNT, _FIRST_TS, _LAST_TS = (name.encode() for name in ("count", "first_ts", "last_ts"))
@@ -85,44 +86,17 @@ return {{redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, cap - 
 """
 
 
-class FeatureStoreError(RuntimeError):
-    """The store could not be reached or did not answer in time; the caller should degrade.
-
-    ``reason`` is "timeout" or "unavailable", for metrics and for the degraded answer.
-    """
-
-    def __init__(self, message: str, reason: str = "unavailable") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def create_client(
-    url: str = "redis://127.0.0.1:6379/0", max_connections: int = 64, timeout_s: float = DEFAULT_TIMEOUT_S
-) -> Redis:
-    """A client suited to the store; any client works, but redis-py's defaults hurt a service:
-
-    - the default pool fails callers beyond ``max_connections`` at once (MaxConnectionsError);
-      a blocking pool queues them, for at most ``timeout_s``;
-    - the default retry backs off and retries a refused connection ten times, so a down Redis costs
-      every request the whole timeout instead of failing in microseconds. One immediate retry is
-      kept: it reconnects a pooled connection that a Redis restart has closed.
-    """
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), retries=1),
-    )
-    return Redis(connection_pool=pool)
-
-
 class RedisFeatureStore:
-    """User records in Redis through the caller's client (and so its connection pool)."""
+    """User records in Redis, or in a Redis Cluster, through the caller's client (and its connections).
+
+    On a cluster every operation on one user stays in the user's slot (both keys carry the user id as
+    a hash tag): the event script is routed by its keys, and a user's MULTI read by its slot. A read of
+    many users runs one MULTI per slot, concurrently, and puts the records back in the order asked.
+    """
 
     def __init__(
         self,
-        client: Redis,
+        client: AsyncClient,
         layout: KeyLayout | None = None,
         cap: int = DEFAULT_CAP,
         timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -135,17 +109,49 @@ class RedisFeatureStore:
         self.layout = layout or KeyLayout()
         self.cap = cap
         self.timeout_s = timeout_s
+        self.cluster = is_cluster(client)
+        self._failures = redis_failures()
+        # A cluster client has no blocking pool: beyond max_connections calls to one node it raises,
+        # and a burst of new connections made it drop in-flight ones (whose retries then applied
+        # events twice). Callers beyond the limit wait here instead, within the call's timeout.
+        self._in_flight = asyncio.Semaphore(cluster_connections(client)) if self.cluster else None
+        # A cluster client discovers the slot map on its first command; concurrent first commands
+        # raced each other and broke connections in use (a burst of 200 events: 11-69 failed, some
+        # applied twice). The map is read once, by the first caller, before any command is sent.
+        self._slot_map_read = asyncio.Lock() if self.cluster else None
+        self._slot_map_known = False
         self._record_event = client.register_script(_RECORD_EVENT_LUA)
 
     async def get_users(self, user_ids: Sequence[int]) -> list[UserRecord]:
-        """Records in the order asked, unknown users as ``UserRecord.unknown``; one round trip."""
+        """Records in the order asked, unknown users as ``UserRecord.unknown``; one round trip (per slot
+        on a cluster)."""
         if not len(user_ids):
             return []
         ids = [as_user_id(u) for u in user_ids]
-        replies = await self._bounded("get_users", self._read(ids))
+        read = self._read_by_slot(ids) if self.cluster else self._read(ids)
+        replies = await self._bounded("get_users", read)
         return [
             parse_record(user_id, replies[2 * row], replies[2 * row + 1]) for row, user_id in enumerate(ids)
         ]
+
+    async def _read_by_slot(self, user_ids: list[int]) -> list[Any]:
+        """``_read``'s replies, from one MULTI per slot (a MULTI cannot span slots on a cluster)."""
+        rows_by_slot: dict[int, list[int]] = {}
+        for row, user_id in enumerate(user_ids):
+            rows_by_slot.setdefault(key_slot(self.layout.user_key(user_id).encode()), []).append(row)
+        groups = list(rows_by_slot.values())
+        parts = await asyncio.gather(
+            *(self._read([user_ids[row] for row in rows]) for rows in groups), return_exceptions=True
+        )
+        # Every slot's read is awaited (no error left unretrieved), then the first failure is the call's.
+        failure = next((part for part in parts if isinstance(part, BaseException)), None)
+        if failure is not None:
+            raise failure
+        replies: list[Any] = [None] * (2 * len(user_ids))
+        for rows, part in zip(groups, parts, strict=True):
+            for at, row in enumerate(rows):
+                replies[2 * row], replies[2 * row + 1] = part[2 * at], part[2 * at + 1]
+        return replies
 
     async def _read(self, user_ids: list[int]) -> list[Any]:
         layout, last = self.layout, self.cap - 1
@@ -164,7 +170,10 @@ class RedisFeatureStore:
     ) -> UserRecord:
         """Appends one interaction atomically and returns the user's new record."""
         user_id, item_id, timestamp = check_event(user_id, item_id, timestamp)
-        args = [item_id, timestamp, self.cap, check_event_id(event_id), EVENT_IDS_KEPT]
+        # An event without the caller's id gets one of ours: redis-py re-sends a command once when its
+        # connection breaks, and the first send may already have run; the script applies an id once.
+        event_id = check_event_id(event_id) or f"{AUTO_EVENT_ID_PREFIX}{uuid.uuid4().hex}"
+        args = [item_id, timestamp, self.cap, event_id, EVENT_IDS_KEPT]
         keys = [self.layout.user_key(user_id), self.layout.actions_key(user_id)]
         fields, actions = await self._bounded("record_event", self._record_event(keys=keys, args=args))
         return parse_record(user_id, fields, actions)
@@ -178,11 +187,29 @@ class RedisFeatureStore:
         await self._bounded("put_profile", self.client.hset(key, mapping=profile))
 
     async def ping(self) -> bool:
-        """True when Redis answers within the timeout; never raises, for health checks."""
+        """True when Redis answers within the timeout (on a cluster: when the cluster says its state
+        is ok, i.e. every slot is served); never raises, for health checks."""
         try:
+            if self.cluster:
+                return await self.cluster_state() == "ok"
             return bool(await self._bounded("ping", self.client.ping()))
         except FeatureStoreError:
             return False
+
+    async def cluster_state(self) -> str | None:
+        """CLUSTER INFO's cluster_state ("ok" or "fail") as a node the client knows reports it; None for
+        a single Redis."""
+        if not self.cluster:
+            return None
+        info = await self._bounded("cluster_info", self.client.cluster_info())
+        return str(_as_text(info.get("cluster_state", "unknown")))
+
+    async def _read_slot_map(self) -> None:
+        assert self._slot_map_read is not None
+        async with self._slot_map_read:
+            if not self._slot_map_known:
+                await self.client.initialize()
+                self._slot_map_known = True
 
     async def _bounded(self, operation: str, call: Coroutine[Any, Any, T]) -> T:
         """Awaits ``call`` within ``timeout_s``, any failure to talk to Redis as a FeatureStoreError.
@@ -192,14 +219,19 @@ class RedisFeatureStore:
         """
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await call
-        # TimeoutError first: it is also an OSError.
+                if self._in_flight is None:
+                    return await call
+                if not self._slot_map_known:
+                    await self._read_slot_map()
+                async with self._in_flight:
+                    return await call
         except TimeoutError as exc:
-            raise FeatureStoreError(
-                f"{operation}: no answer from Redis within {self.timeout_s}s", reason="timeout"
-            ) from exc
-        except (RedisError, OSError) as exc:
-            raise FeatureStoreError(f"{operation}: {type(exc).__name__}: {exc}") from exc
+            raise as_store_error(operation, exc, self.timeout_s) from exc
+        except self._failures as exc:
+            raise as_store_error(operation, exc, self.timeout_s) from exc
+        finally:
+            if inspect.getcoroutinestate(call) == inspect.CORO_CREATED:
+                call.close()  # never sent (the slot map could not be read): no "never awaited" warning
 
 
 def parse_record(user_id: int, fields: Any, actions: Any) -> UserRecord:
