@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -27,10 +26,10 @@ log = logging.getLogger(__name__)
 Request = TypeVar("Request")
 Answer = TypeVar("Answer")
 
-# What a model call costs before any was measured: a guess of one millisecond, refined by each batch.
-INITIAL_BATCH_SECONDS = 0.001
-# Weight of the newest batch in the moving average of a batch's seconds.
-BATCH_SECONDS_SMOOTHING = 0.1
+# What one request costs before any batch was measured: a guess of one millisecond.
+INITIAL_REQUEST_SECONDS = 0.001
+# Weight of the newest batch in the moving averages of the cost model.
+COST_SMOOTHING = 0.1
 
 
 @dataclass
@@ -40,6 +39,49 @@ class Job(Generic[Request, Answer]):
     requests: Sequence[Request]
     future: asyncio.Future[list[tuple[Answer | BaseException, float]]]
     enqueued: float = field(default_factory=time.perf_counter)
+
+
+class BatchCost:
+    """seconds(n) ≈ fixed + per_request · n for a model call of n requests, fitted to the batches seen
+    (moving averages of n, seconds, n² and n·seconds: a least-squares line that follows the load).
+
+    With batches all of one size the slope is undefined, and the cost is taken as proportional to n
+    (no fixed part): an overestimate for larger batches, so the shedding it drives errs on the safe
+    side until batches of other sizes have been seen."""
+
+    def __init__(self, smoothing: float = COST_SMOOTHING) -> None:
+        self.smoothing = smoothing
+        # Before the first batch: one request, INITIAL_REQUEST_SECONDS (replaced by that batch).
+        self.size, self.seconds = 1.0, INITIAL_REQUEST_SECONDS
+        self.size_sq, self.size_seconds = 1.0, INITIAL_REQUEST_SECONDS
+        self.observed = False
+
+    def observe(self, size: int, seconds: float) -> None:
+        w = self.smoothing if self.observed else 1.0
+        self.observed = True
+        self.size += w * (size - self.size)
+        self.seconds += w * (seconds - self.seconds)
+        self.size_sq += w * (size * size - self.size_sq)
+        self.size_seconds += w * (size * seconds - self.size_seconds)
+
+    def line(self) -> tuple[float, float]:
+        """(fixed seconds, seconds per request), both >= 0."""
+        variance = self.size_sq - self.size**2
+        if variance > 1e-6 * max(self.size_sq, 1.0):
+            slope = (self.size_seconds - self.size * self.seconds) / variance
+            fixed = self.seconds - slope * self.size
+            if slope >= 0 and fixed >= 0:
+                return fixed, slope
+        return 0.0, self.seconds / max(self.size, 1e-9)
+
+    def batch_seconds(self, size: int) -> float:
+        fixed, per_request = self.line()
+        return fixed + per_request * size
+
+    def wait_seconds(self, pending: int, max_batch: int) -> float:
+        """Seconds until ``pending`` queued requests are computed, in batches of at most max_batch."""
+        full, rest = divmod(pending, max_batch)
+        return full * self.batch_seconds(max_batch) + (self.batch_seconds(rest) if rest else 0.0)
 
 
 @dataclass(frozen=True)
@@ -75,7 +117,7 @@ class MicroBatcher(Generic[Request, Answer]):
         self.on_batch = on_batch
         # Requests queued or running; changed on the event loop only, so no lock.
         self.pending = 0
-        self.batch_seconds = INITIAL_BATCH_SECONDS
+        self.cost = BatchCost()
         # The model thread: one, so the model and the search are never run concurrently (GPU FAISS
         # requires it; on CPUs parallelism comes from the batch, not from threads fighting for cores).
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coldwarm-model")
@@ -85,8 +127,9 @@ class MicroBatcher(Generic[Request, Answer]):
 
     @property
     def expected_wait_s(self) -> float:
-        """How long a request admitted now would wait: the batches ahead of it, at a batch's cost."""
-        return math.ceil(self.pending / self.max_batch) * self.batch_seconds
+        """How long a request admitted now would wait: the batches ahead of it, at what batches of
+        their sizes have cost lately."""
+        return self.cost.wait_seconds(self.pending, self.max_batch)
 
     async def submit(self, requests: Sequence[Request]) -> list[tuple[Answer | BaseException, float]]:
         """(answer or exception, seconds queued) per request, in order."""
@@ -156,7 +199,7 @@ class MicroBatcher(Generic[Request, Answer]):
                     job.future.set_exception(error)
             return
         seconds = time.perf_counter() - started
-        self.batch_seconds += BATCH_SECONDS_SMOOTHING * (seconds - self.batch_seconds)
+        self.cost.observe(len(requests), seconds)
         if self.on_batch is not None:
             self.on_batch(BatchStats(len(requests), seconds))
         offset = 0

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from service.batching import BatchStats, MicroBatcher
+from service.batching import BatchCost, BatchStats, MicroBatcher
 
 BLOCKER = 1000  # the request that holds the model thread until the test frees it
 
@@ -152,21 +152,49 @@ def test_queue_wait_batch_stats_and_the_expected_wait() -> None:
         recorder = Recorder()
         batcher = MicroBatcher(recorder, max_batch=2, on_batch=stats.append)
         await occupy(batcher)
-        batcher.batch_seconds = 0.5
+        batcher.cost = proportional_cost(0.5)
         tasks = [asyncio.create_task(batcher.submit([r])) for r in range(3)]
         await asyncio.sleep(0.05)
-        # The blocker and three waiting, two per batch: the next request waits for two batches.
-        assert batcher.expected_wait_s == pytest.approx(1.0)
+        # The blocker and three waiting, two per batch of 0.5 s a request: two batches of 1 s each.
+        assert batcher.expected_wait_s == pytest.approx(2.0)
         await asyncio.sleep(0.1)
         recorder.free.set()
         outcomes = await asyncio.gather(*tasks)
         waits = [waited for [(_, waited)] in outcomes]
         assert all(waited >= 0.14 for waited in waits), waits  # queued behind the blocked thread
         assert [s.size for s in stats] == [1, 2, 1]
-        assert batcher.batch_seconds < 0.5  # moved towards the real cost
+        assert batcher.cost.seconds < 0.5  # moved towards the real cost
         batcher.close()
 
     asyncio.run(scenario())
+
+
+def proportional_cost(per_request: float) -> BatchCost:
+    """A cost model that has only seen batches of one request, each taking ``per_request`` seconds."""
+    cost = BatchCost()
+    cost.observe(1, per_request)
+    return cost
+
+
+def test_the_cost_model_fits_fixed_and_per_request_seconds() -> None:
+    cost = BatchCost(smoothing=0.05)
+    for _ in range(40):
+        for size in (1, 3, 8, 20, 64, 256):
+            cost.observe(size, 0.0005 + 0.0001 * size)
+    fixed, per_request = cost.line()
+    assert fixed == pytest.approx(0.0005, rel=1e-6) and per_request == pytest.approx(0.0001, rel=1e-6)
+    # 130 waiting, 64 a batch: two full batches and one of 2.
+    assert cost.wait_seconds(130, 64) == pytest.approx(2 * (0.0005 + 0.0064) + (0.0005 + 0.0002))
+    # A 256-request job counts as the requests it holds, not as one batch of the usual size.
+    assert cost.wait_seconds(256, 64) == pytest.approx(4 * (0.0005 + 0.0064))
+
+
+def test_the_cost_of_one_batch_size_only_is_proportional() -> None:
+    cost = BatchCost()
+    for _ in range(50):
+        cost.observe(4, 0.002)
+    assert cost.line() == pytest.approx((0.0, 0.0005))
+    assert cost.wait_seconds(10, 8) == pytest.approx(0.005)
 
 
 def test_bad_settings_are_refused() -> None:

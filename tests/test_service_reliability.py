@@ -208,7 +208,7 @@ def test_recommender_sheds_beyond_its_queue_budget_with_the_cold_answer(bundle_a
         # Unbatched, one second per request (as if measured), 1.5 s of queue allowed: two may wait,
         # not three.
         recommender = Recommender(bundle_a, history_cap=50, max_queue_ms=1500, max_batch=1)
-        recommender.batcher.batch_seconds = 1.0
+        recommender.batcher.cost.observe(1, 1.0)
         model_thread_free = threading.Event()
         recommender.batcher.executor.submit(model_thread_free.wait)  # the model thread is busy
         queued = [
@@ -223,7 +223,7 @@ def test_recommender_sheds_beyond_its_queue_budget_with_the_cold_answer(bundle_a
         results = await asyncio.gather(*queued)
         assert all(len(result.item_ids) == 5 for result in results)
         assert recommender.pending == 0
-        assert recommender.batcher.batch_seconds < 0.9  # moved towards the real (millisecond) cost
+        assert recommender.batcher.cost.seconds < 0.9  # moved towards the real (millisecond) cost
         recommender.close()
 
     asyncio.run(scenario())
