@@ -42,7 +42,15 @@ def make_store(settings: ServiceSettings, cap: int) -> tuple[FeatureStore, str]:
     layout = KeyLayout(settings.key_prefix, settings.key_schema_version)
     kind = "redis-cluster" if cluster else "redis"
     log.info("feature store: %s at %s, keys %s", kind, redacted_url(settings.redis_url), layout.pattern())
-    return RedisFeatureStore(client, layout, cap=cap, timeout_s=timeout_s), kind
+    store = RedisFeatureStore(
+        client,
+        layout,
+        cap=cap,
+        timeout_s=timeout_s,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
+    )
+    return store, kind
 
 
 async def load_startup_bundle(

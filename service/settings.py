@@ -25,6 +25,15 @@ class ServiceSettings(BaseSettings):
         description="COLDWARM_REDIS_URL names a node of a Redis Cluster: the store uses redis-py's "
         "RedisCluster (one MULTI per slot, scripts routed by their keys)",
     )
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        description="replicas that must have an event (Redis WAIT) before /events acknowledges it; 0: "
+        "acknowledged once the master has it",
+    )
+    redis_wait_timeout_ms: int = Field(
+        50, ge=1, description="how long an event waits for those replicas before it is answered 503"
+    )
     redis_timeout_ms: float = Field(
         100.0,
         gt=0,

@@ -60,7 +60,9 @@ class Cluster:
         return f"redis://127.0.0.1:{self.ports[0]}/0"
 
     def client(self) -> RedisCluster:
-        return RedisCluster(host="127.0.0.1", port=self.ports[0], socket_timeout=5.0)
+        """A cluster client that starts from a node still running (the first may have been killed)."""
+        alive = next(port for port in self.ports if port in self.processes)
+        return RedisCluster(host="127.0.0.1", port=alive, socket_timeout=5.0)
 
     def start_node(self, port: int) -> None:
         node_dir = self.directory / str(port)

@@ -173,3 +173,43 @@ def test_the_service_serves_from_a_cluster_and_reports_its_state(
     for key in list(client.scan_iter(match=f"{prefix}:*", count=1000)):
         client.delete(key)
     client.close()
+
+
+def test_waiting_for_a_replica_acknowledges_only_replicated_events(
+    redis_cluster: Cluster, redis_client: Any
+) -> None:
+    """WAIT 1: on the cluster (one replica a master) every event is acknowledged; on the single Redis
+    of these machines (no replica) none is, yet each is applied once, however often it is retried."""
+    prefix = f"coldwarm-test-{uuid.uuid4().hex}"
+    layout = KeyLayout(prefix=prefix)
+
+    async def on_cluster() -> list[Any]:
+        client = create_client(redis_cluster.url, 16, 2.0, cluster=True)
+        store = RedisFeatureStore(client, layout, CAP, 2.0, wait_replicas=1, wait_timeout_ms=500)
+        records = [await store.record_event(u, 500 + u, 1_000, event_id=f"w{u}") for u in USERS[:10]]
+        await client.aclose()
+        return records
+
+    async def on_single() -> tuple[list[FeatureStoreError], Any]:
+        client = create_client("redis://127.0.0.1:6379/0", 16, 2.0)
+        store = RedisFeatureStore(client, layout, CAP, 2.0, wait_replicas=1, wait_timeout_ms=20)
+        failures = []
+        for _ in range(3):  # the caller retries after each 503
+            with pytest.raises(FeatureStoreError) as caught:
+                await store.record_event(7, 77, 1_000, event_id="retried")
+            failures.append(caught.value)
+        [record] = await store.get_users([7])
+        await client.aclose()
+        return failures, record
+
+    records = asyncio.run(on_cluster())
+    assert [r.actions for r in records] == [[500 + u] for u in USERS[:10]]
+    failures, record = asyncio.run(on_single())
+    assert all("0 of 1 replicas" in str(f) for f in failures)
+    assert (record.count, record.actions) == (1, [77])
+    for key in redis_client.scan_iter(match=layout.pattern()):
+        redis_client.delete(key)
+    client = redis_cluster.client()
+    for key in list(client.scan_iter(match=layout.pattern(), count=1000)):
+        client.delete(key)
+    client.close()

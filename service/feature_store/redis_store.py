@@ -16,7 +16,9 @@ import uuid
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
+from redis.asyncio.cluster import PipelineCommand
 from redis.crc import key_slot
+from redis.exceptions import RedisError
 
 from model.data.schema import PROFILE_FIELDS
 from service.feature_store.client import DEFAULT_TIMEOUT_S, AsyncClient, cluster_connections, is_cluster
@@ -86,6 +88,10 @@ return {{redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, cap - 
 """
 
 
+class NotReplicatedError(RedisError):
+    """WAIT returned fewer replicas than asked for: the write is not acknowledged."""
+
+
 class RedisFeatureStore:
     """User records in Redis, or in a Redis Cluster, through the caller's client (and its connections).
 
@@ -100,6 +106,8 @@ class RedisFeatureStore:
         layout: KeyLayout | None = None,
         cap: int = DEFAULT_CAP,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 50,
     ) -> None:
         if cap < 1:
             raise ValueError(f"cap must be >= 1, got {cap}")
@@ -109,6 +117,8 @@ class RedisFeatureStore:
         self.layout = layout or KeyLayout()
         self.cap = cap
         self.timeout_s = timeout_s
+        # WAIT after each event: it is acknowledged only once this many replicas have it.
+        self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
         self.cluster = is_cluster(client)
         self._failures = redis_failures()
         # A cluster client has no blocking pool: beyond max_connections calls to one node it raises,
@@ -119,7 +129,7 @@ class RedisFeatureStore:
         # raced each other and broke connections in use (a burst of 200 events: 11-69 failed, some
         # applied twice). The map is read once, by the first caller, before any command is sent.
         self._slot_map_read = asyncio.Lock() if self.cluster else None
-        self._slot_map_known = False
+        self._slot_map_known = self._slot_map_read_before = False
         self._record_event = client.register_script(_RECORD_EVENT_LUA)
 
     async def get_users(self, user_ids: Sequence[int]) -> list[UserRecord]:
@@ -175,8 +185,41 @@ class RedisFeatureStore:
         event_id = check_event_id(event_id) or f"{AUTO_EVENT_ID_PREFIX}{uuid.uuid4().hex}"
         args = [item_id, timestamp, self.cap, event_id, EVENT_IDS_KEPT]
         keys = [self.layout.user_key(user_id), self.layout.actions_key(user_id)]
-        fields, actions = await self._bounded("record_event", self._record_event(keys=keys, args=args))
+        write = (
+            self._write_and_wait(keys, args)
+            if self.wait_replicas
+            else self._record_event(keys=keys, args=args)
+        )
+        fields, actions = await self._bounded("record_event", write)
         return parse_record(user_id, fields, actions)
+
+    async def _write_and_wait(self, keys: list[str], args: list[Any]) -> Any:
+        """The event script, then WAIT on the same connection (WAIT counts the replicas that have its
+        own connection's writes); fewer than ``wait_replicas`` within the timeout is a failure: the
+        event is applied on the master but not acknowledged, and the caller's retry with its event id
+        counts once."""
+        script = ("EVAL", _RECORD_EVENT_LUA, 2, *keys, *args)
+        wait = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
+        if self.cluster:
+            # One connection to the keys' master: redis-py's cluster pipeline cannot route a keyless WAIT.
+            commands = [PipelineCommand(0, *script), PipelineCommand(1, *wait)]
+            await self.client.get_node_from_key(keys[0]).execute_pipeline(commands)
+            reply, acked = (command.result for command in commands)
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.execute_command(*script)
+                pipe.execute_command(*wait)
+                reply, acked = await pipe.execute(raise_on_error=False)
+        for result in (reply, acked):
+            if isinstance(result, BaseException):
+                # A master that moved (a failover) answers MOVED: read the slot map again next time.
+                self._slot_map_known = False
+                raise result
+        if int(acked) < self.wait_replicas:
+            raise NotReplicatedError(
+                f"{acked} of {self.wait_replicas} replicas acknowledged within {self.wait_timeout_ms} ms"
+            )
+        return reply
 
     async def put_profile(self, user_id: int, fields: Mapping[str, str]) -> None:
         """Sets the given profile fields, leaving the others and the user's state untouched."""
@@ -207,9 +250,13 @@ class RedisFeatureStore:
     async def _read_slot_map(self) -> None:
         assert self._slot_map_read is not None
         async with self._slot_map_read:
-            if not self._slot_map_known:
+            if self._slot_map_known:
+                return
+            if self._slot_map_read_before:
+                await self.client.nodes_manager.initialize()  # again: a master moved
+            else:
                 await self.client.initialize()
-                self._slot_map_known = True
+            self._slot_map_known = self._slot_map_read_before = True
 
     async def _bounded(self, operation: str, call: Coroutine[Any, Any, T]) -> T:
         """Awaits ``call`` within ``timeout_s``, any failure to talk to Redis as a FeatureStoreError.
