@@ -53,7 +53,9 @@ def save_checkpoint(trained: TrainedModel, path: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> TrainedModel:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint is tensors and plain data; unpickling anything else would run code that
+    # whoever replaced the file chose.
+    state = torch.load(path, map_location="cpu", weights_only=True)
     encoder = FeatureEncoder.from_dict(state["encoder"])
     model_config = ModelConfig.model_validate(state["model_config"])
     selection = BiasFeatureSelection(**state["bias_features"]) if state["bias_features"] else None
