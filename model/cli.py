@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,12 +34,20 @@ from model.data.fetch import FetchError, fetch_movielens_1m
 from model.data.loading import load_dataset
 from model.data.schema import DataFormatError, InteractionData
 from model.data.split import split_users
+from model.distributed import LayoutError, ProcessLayout, backend_for, launched_by_torchrun, process_group
 from model.evaluation.report import markdown_table, write_report
 from model.experiments import ALL_MODELS, PRIMARY_MODEL, ExperimentOutcome, check_model_names, run_experiments
 from model.export import compile_devices, export_model
 from model.features import FeatureEncoder
 from model.settings import Settings
-from model.train import TrainedModel, TrainingContext, fit_cold_warm_net, set_torch_threads
+from model.train import (
+    TrainedModel,
+    TrainingContext,
+    check_batch_size,
+    fit_cold_warm_net,
+    set_torch_threads,
+    training_device,
+)
 
 app = typer.Typer(
     help="Cold & Warm Net: train, evaluate and export a cold-start-aware retrieval model.",
@@ -201,6 +211,18 @@ def data_fetch(
     console.print(f"MovieLens-1M is in {directory}; train with: coldwarm train --data {directory}")
 
 
+NprocOption = Annotated[
+    int,
+    typer.Option(
+        "--nproc",
+        min=1,
+        help="train with N processes on this machine (DistributedDataParallel: gloo on the CPU, NCCL "
+        "on GPUs), started through torchrun; the batch size stays the global batch and must be a "
+        "multiple of N. Under torchrun itself leave it out: --nproc-per-node says how many",
+    ),
+]
+
+
 @app.command()
 def train(
     data: DataOption = None,
@@ -208,13 +230,78 @@ def train(
     items: ItemsOption = None,
     run_dir: RunDirOption = DEFAULT_RUN_DIR,
     epochs: EpochsOption = None,
+    nproc: NprocOption = 1,
 ) -> None:
     """Train Cold & Warm Net (pre-training → user groups → MI bias features → main loop with DKD),
-    early-stopped on the validation users' cold-start group; writes RUN_DIR/checkpoint.pt."""
+    early-stopped on the validation users' cold-start group; writes RUN_DIR/checkpoint.pt.
+
+    Under torchrun (or with --nproc N) the processes split each batch; rank 0 validates and alone
+    writes the checkpoint."""
     setup_logging()
     settings = make_settings(data, epochs)
-    trained = train_primary(build_context(load_data(settings, users, items), settings), settings)
-    log.info("checkpoint: %s", save_checkpoint(trained, run_dir / CHECKPOINT_FILE))
+    try:
+        layout = ProcessLayout.from_env()
+    except LayoutError as error:
+        raise fail(str(error)) from error
+    if nproc > 1:
+        if launched_by_torchrun():
+            raise fail("--nproc starts torchrun itself; under torchrun, --nproc-per-node sets the processes")
+        check_global_batch(settings, nproc)
+        raise typer.Exit(launch_torchrun(nproc, data, users, items, run_dir, epochs))
+    check_global_batch(settings, layout.world_size)
+    try:
+        device = training_device(settings.train, layout)
+    except ValueError as error:
+        raise fail(str(error)) from error
+    if not layout.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # one log of the run: rank 0's
+    with process_group(layout, device, settings.distributed.timeout_s):
+        if layout.distributed:
+            log.info(
+                "rank 0 of %d processes (%s), %d samples per process and step",
+                layout.world_size,
+                backend_for(device),
+                settings.train.batch_size // layout.world_size,
+            )
+        trained = train_primary(build_context(load_data(settings, users, items), settings), settings)
+        if layout.is_main:
+            log.info("checkpoint: %s", save_checkpoint(trained, run_dir / CHECKPOINT_FILE))
+
+
+def check_global_batch(settings: Settings, processes: int) -> None:
+    try:
+        check_batch_size(settings.train.batch_size, processes)
+    except ValueError as error:
+        raise fail(f"{error} (COLDWARM_TRAIN__BATCH_SIZE)") from error
+
+
+def launch_torchrun(
+    nproc: int,
+    data: str | None,
+    users: Path | None,
+    items: Path | None,
+    run_dir: Path,
+    epochs: int | None,
+) -> int:
+    """Runs this train command in ``nproc`` processes under torchrun (on a free local port) and
+    returns its exit status; the settings travel in the environment, which the processes inherit."""
+    arguments = ["--run-dir", str(run_dir)]
+    for option, value in (("--data", data), ("--users", users), ("--items", items), ("--epochs", epochs)):
+        if value is not None:
+            arguments += [option, str(value)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "model.cli",
+        "train",
+        *arguments,
+    ]
+    log.info("launching %s", " ".join(command))
+    return subprocess.run(command, check=False).returncode
 
 
 def train_primary(context: TrainingContext, settings: Settings) -> TrainedModel:

@@ -146,6 +146,16 @@ class ExportConfig(BaseModel):
     )
 
 
+class DistributedConfig(BaseModel):
+    """Training with several processes (torchrun); the layout itself comes from torchrun's variables."""
+
+    timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="longest wait of one process on another (the others wait while rank 0 validates)",
+    )
+
+
 class Settings(BaseSettings):
     """Root of the offline job's configuration."""
 
@@ -160,3 +170,4 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
+    distributed: DistributedConfig = DistributedConfig()

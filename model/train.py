@@ -4,13 +4,16 @@ the main loop with dynamic knowledge distillation and early stopping on validati
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from model import distributed
 from model.data.schema import InteractionData
 from model.data.split import UserSplit
 from model.distillation import distillation_loss, distillation_mask
@@ -109,20 +112,19 @@ def make_candidates(
     return softmax_candidates(targets, config.shared_negatives, n_items, item_log_q, generator)
 
 
-def candidate_logits(
-    e_user: torch.Tensor,
-    b_user: torch.Tensor,
-    e_items: torch.Tensor,
-    b_items: torch.Tensor,
-    scale: torch.Tensor,
-    per_sample: bool,
-) -> torch.Tensor:
-    """Scores of each user against its own candidates (B, C) or a shared list (C)."""
-    if per_sample:
-        batch, columns = b_items.shape
-        cosine = torch.einsum("bd,bcd->bc", e_user, e_items.view(batch, columns, -1))
-        return scale * cosine + b_user.unsqueeze(1) + b_items
-    return scale * (e_user @ e_items.t()) + b_user.unsqueeze(1) + b_items.unsqueeze(0)
+def candidate_rows(candidates: Candidates, rows: slice) -> Candidates:
+    """The candidates of some rows of the batch they were drawn for: a list shared by the batch
+    (sampled softmax) stays whole, with those rows' positive columns and accidental hits; per-sample
+    lists (bce) keep those rows."""
+    if candidates.log_q is None:
+        return Candidates(candidates.positions[rows], None, None, None)
+    assert candidates.positive_column is not None and candidates.accidental_hits is not None
+    return Candidates(
+        candidates.positions,
+        candidates.log_q,
+        candidates.positive_column[rows],
+        candidates.accidental_hits[rows],
+    )
 
 
 def distillable(history: torch.Tensor, model_config: ModelConfig) -> torch.Tensor | None:
@@ -132,12 +134,17 @@ def distillable(history: torch.Tensor, model_config: ModelConfig) -> torch.Tenso
     return None
 
 
-def training_device(config: TrainConfig) -> torch.device:
+def training_device(config: TrainConfig, layout: distributed.ProcessLayout | None = None) -> torch.device:
+    """Where this process trains: with several processes on CUDA, the GPU of its LOCAL_RANK."""
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("COLDWARM_TRAIN__DEVICE=cuda, but torch sees no CUDA device; use cpu or auto")
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    kind = config.device
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    layout = layout or distributed.current()
+    if kind == "cuda" and layout.distributed:
+        return torch.device("cuda", layout.local_rank)
+    return torch.device(kind)
 
 
 def on_device(candidates: Candidates, device: torch.device) -> Candidates:
@@ -152,8 +159,24 @@ def on_device(candidates: Candidates, device: torch.device) -> Candidates:
     )
 
 
+@dataclass(frozen=True)
+class GlobalBatch:
+    """With several processes: the targets of the whole (global) batch, and which of its rows this
+    process computes."""
+
+    targets: torch.Tensor
+    rows: slice
+
+
+def unwrapped(net: torch.nn.Module) -> TwoTowerNet:
+    """The net itself, out of a DistributedDataParallel wrapper if it is in one."""
+    inner = net.module if isinstance(net, DistributedDataParallel) else net
+    assert isinstance(inner, TwoTowerNet)
+    return inner
+
+
 def training_step(
-    net: TwoTowerNet,
+    net: torch.nn.Module,
     batch: tuple[torch.Tensor, ...],
     config: TrainConfig,
     model_config: ModelConfig,
@@ -161,38 +184,41 @@ def training_step(
     item_log_q: torch.Tensor,
     generator: torch.Generator,
     weights: torch.Tensor | None = None,
+    global_batch: GlobalBatch | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Loss of one batch: L + alpha * L_d, each sample's L weighted by ``weights`` when given; also the
     fraction of samples that were distilled. The batch arrives on the CPU and is computed on the net's
-    device; the candidates are drawn on the CPU, so that one seed draws the same ones on any device."""
-    device = net.log_scale.device
-    candidates = on_device(make_candidates(batch[3], config, net.n_items, item_log_q, generator), device)
-    profile, history, state, targets = (tensor.to(device, non_blocking=True) for tensor in batch)
+    device; the candidates are drawn on the CPU, so that one seed draws the same ones on any device.
+
+    ``net`` is a TwoTowerNet or the DistributedDataParallel wrapping one: the scores come from its
+    ``forward``, which is what DDP hooks to average the gradients. With ``global_batch``, ``batch``
+    is this process's rows of a larger batch, and the candidates are drawn for the whole of it (see
+    ``run_epochs``)."""
+    model = unwrapped(net)
+    device = model.log_scale.device
+    candidates = make_candidates(
+        batch[3] if global_batch is None else global_batch.targets,
+        config,
+        model.n_items,
+        item_log_q,
+        generator,
+    )
+    if global_batch is not None:
+        candidates = candidate_rows(candidates, global_batch.rows)
+    candidates = on_device(candidates, device)
+    profile, history, state, _ = (tensor.to(device, non_blocking=True) for tensor in batch)
     if weights is not None:
         weights = weights.to(device, non_blocking=True)
-    if use_dkd:
-        e_u, b_u, _, e_cold, e_warm = net.user_tower.experts(profile, history, state)
-    else:
-        e_u, b_u, _ = net.user_tower(profile, history, state)
-    per_sample = candidates.log_q is None
-    e_i, b_i = net.item_scorer(candidates.positions.reshape(-1))
-    if per_sample:
-        b_i = b_i.view(candidates.positions.shape)
-    scale = net.scale
-    losses = per_sample_loss(candidate_logits(e_u, b_u, e_i, b_i, scale, per_sample), candidates)
+    scores = net(profile, history, state, candidates.positions, use_dkd)
+    losses = per_sample_loss(scores.logits, candidates)
     loss = (losses * weights).mean() if weights is not None else losses.mean()
     distilled = 0.0
     if use_dkd:
-        # Only the cold expert learns from the distillation: items, biases and the scale are fixed
-        # here, or the gap would also be closed by flattening every score (a smaller scale).
-        fixed_items, fixed_bias, fixed_scale = e_i.detach(), b_i.detach(), scale.detach()
-        cold_logits = candidate_logits(e_cold, b_u.detach(), fixed_items, fixed_bias, fixed_scale, per_sample)
         with torch.no_grad():
-            warm_logits = candidate_logits(e_warm, b_u, fixed_items, fixed_bias, fixed_scale, per_sample)
-            cold_loss = per_sample_loss(cold_logits, candidates)
-            warm_loss = per_sample_loss(warm_logits, candidates)
+            cold_loss = per_sample_loss(scores.cold, candidates)
+            warm_loss = per_sample_loss(scores.warm, candidates)
         scope = distillable(history, model_config)
-        gap = distillation_loss(cold_logits, warm_logits, cold_loss, warm_loss, scope)
+        gap = distillation_loss(scores.cold, scores.warm, cold_loss, warm_loss, scope)
         loss = loss + model_config.dkd_alpha * gap
         distilled = float(distillation_mask(cold_loss, warm_loss, scope).float().mean())
     return loss, distilled
@@ -201,6 +227,77 @@ def training_step(
 def item_log_frequencies(samples: TrainingSamples, n_items: int) -> torch.Tensor:
     counts = torch.bincount(samples.target, minlength=n_items).double() + 1.0
     return (counts / counts.sum()).log().float()
+
+
+@dataclass(frozen=True)
+class BatchShare:
+    """One step of one process: the sample indices of the global batch, and the rows of it that are
+    this process's."""
+
+    index: torch.Tensor
+    rows: slice
+
+    @property
+    def own(self) -> torch.Tensor:
+        return self.index[self.rows]
+
+
+def epoch_batches(
+    order: torch.Tensor, batch_size: int, world_size: int = 1, rank: int = 0
+) -> list[BatchShare]:
+    """Rank ``rank``'s share of each global batch of ``order``, an epoch's permutation of the samples.
+
+    Global batch k is ``order[k * batch_size : (k + 1) * batch_size]`` with any number of processes,
+    as with one: every rank draws the same permutation (same seed) and takes the k-th contiguous
+    ``len(batch) // world_size`` of each batch (``batch_size / world_size`` for a full one). The
+    shares are disjoint and together the batch, save the last batch's remainder of at most
+    ``world_size - 1`` samples, which is dropped: every rank runs the same number of steps with the
+    same batch sizes, so no rank waits on another at the all-reduce. One process keeps every sample.
+    """
+    shares = []
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        size = len(index) // world_size
+        if size == 0:
+            break
+        shares.append(BatchShare(index, slice(rank * size, (rank + 1) * size)))
+    return shares
+
+
+def check_batch_size(batch_size: int, world_size: int) -> None:
+    if batch_size % world_size:
+        raise ValueError(
+            f"the batch size {batch_size} is the global batch and must split evenly over {world_size} "
+            f"processes (each takes batch_size / {world_size} per step): choose a multiple of {world_size}"
+        )
+
+
+def wrapped_for_training(
+    net: TwoTowerNet, device: torch.device, layout: distributed.ProcessLayout
+) -> torch.nn.Module:
+    """The net that training calls: the net itself, or with several processes its DDP wrapper.
+
+    DDP starts every rank from rank 0's weights and averages the gradients during backward. The
+    buffers (item inputs, the user groups, bias columns) never change in training and are the same
+    on every rank, so they are not broadcast at each step. ``static_graph``: every step runs the
+    same code, so the parameters that get no gradient (the bias net the pre-training switches off,
+    the user bias under sampled softmax) are found once, and keep no gradient, as with one process.
+    """
+    if not layout.distributed:
+        return net
+    # Spelt forward_sync_buffers since torch 2.13 (broadcast_buffers=False warns there, and also skips
+    # the sync at the start, which is harmless: the buffers are equal on every rank anyway).
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}
+    )
+    return DistributedDataParallel(
+        net,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        static_graph=True,
+        **no_buffer_sync,
+    )
 
 
 def run_epochs(
@@ -215,9 +312,35 @@ def run_epochs(
 ) -> list[dict[str, float]]:
     """Adam over shuffled samples; keeps the weights of the best validation epoch when validating.
 
-    Runs on ``config.device``; the net is handed back on the CPU, where export and evaluation read it."""
-    device = training_device(config)
+    Runs on ``config.device``; the net is handed back on the CPU, where export and evaluation read it.
+
+    Under torchrun (``model.distributed.current()`` of world size N > 1), DistributedDataParallel:
+
+    - ``config.batch_size`` stays the global batch: each rank computes ``batch_size / N`` samples of
+      it per step (``epoch_batches``), and the averaged gradient is that of the whole batch.
+    - The generator that draws the permutation and the candidates is seeded alike on every rank and
+      draws the same amounts there (same steps, same batch sizes), so the ranks stay in step.
+    - Negatives: every rank draws the candidates of the whole global batch (``GlobalBatch``) and
+      scores its own users against them. The in-batch negatives of sampled softmax are thus the
+      targets of the global batch, and the shared uniform negatives are the same on every rank: the
+      candidates of a step are exactly those of one process with the same batch. This needs no
+      gather: every rank holds all the samples and the same permutation, so it knows the other
+      ranks' targets, and item scores come from item ids through its own item tower. It costs the
+      item side of the batch on each rank (the user tower, the larger part, is split). bce's
+      per-sample negatives are the rows of the global batch's draw as well.
+    - What still differs from one process: dropout masks (each rank's torch generator is seeded
+      alike, so the j-th sample of every rank's share gets the same mask, not the one a single
+      process would draw), the order of float sums in the all-reduce, and the at most N - 1 samples
+      an epoch drops. The runs agree in distribution, not bit for bit.
+    - Rank 0 validates and decides early stopping; the decision is broadcast, and at the end every
+      rank loads rank 0's best weights.
+    """
+    layout = distributed.current()
+    check_batch_size(config.batch_size, layout.world_size)
+    device = training_device(config, layout)
     net.to(device)
+    wrapped = wrapped_for_training(net, device, layout)
+    progress = progress and layout.is_main
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     item_log_q = item_log_frequencies(context.samples, net.n_items)
@@ -226,20 +349,21 @@ def run_epochs(
         history_balance_weights(context.samples, config.history_balance) if config.history_balance else None
     )
     history: list[dict[str, float]] = []
-    best_score, best_state, stale = -1.0, copy.deepcopy(net.state_dict()), 0
+    best_score, stale = -1.0, 0
+    best_state = copy.deepcopy(net.state_dict()) if layout.is_main else None
     for epoch in range(1, epochs + 1):
         net.train()
         order = torch.randperm(len(context.samples), generator=generator)
-        batches = range(0, len(order), config.batch_size)
+        shares = epoch_batches(order, config.batch_size, layout.world_size, layout.rank)
         bar = tqdm(
-            batches, desc=f"{label} epoch {epoch}/{epochs}", unit="batch", disable=not progress, leave=False
+            shares, desc=f"{label} epoch {epoch}/{epochs}", unit="batch", disable=not progress, leave=False
         )
         total, distilled_total, steps = 0.0, 0.0, 0
-        for start in bar:
-            index = order[start : start + config.batch_size]
+        for share in bar:
+            index = share.own
             batch_weights = weights[index] if weights is not None else None
             loss, distilled = training_step(
-                net,
+                wrapped,
                 context.samples.batch(index),
                 config,
                 model_config,
@@ -247,6 +371,7 @@ def run_epochs(
                 item_log_q,
                 generator,
                 batch_weights,
+                GlobalBatch(context.samples.target[share.index], share.rows) if layout.distributed else None,
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -254,23 +379,31 @@ def run_epochs(
             total, distilled_total, steps = total + loss.item(), distilled_total + distilled, steps + 1
             if steps % 50 == 0:
                 bar.set_postfix(loss=f"{total / steps:.4f}")
-        record = {
-            "epoch": float(epoch),
-            "loss": total / max(steps, 1),
-            "distilled": distilled_total / max(steps, 1),
-        }
+        # Every rank has the same number of steps: the mean of the ranks' means is the global one.
+        mean_loss, mean_distilled = distributed.mean_over_ranks(
+            [total / max(steps, 1), distilled_total / max(steps, 1)]
+        )
+        record = {"epoch": float(epoch), "loss": mean_loss, "distilled": mean_distilled}
+        stop = False
         if validate:
-            record["validation"] = validation_score(net, context, config)
-            if record["validation"] > best_score:
-                best_score, best_state, stale = record["validation"], copy.deepcopy(net.state_dict()), 0
-            else:
-                stale += 1
+            decision = None
+            if layout.is_main:
+                score = validation_score(net, context, config)
+                if score > best_score:
+                    best_score, best_state, stale = score, copy.deepcopy(net.state_dict()), 0
+                else:
+                    stale += 1
+                decision = (score, stale > config.patience)
+            record["validation"], stop = distributed.broadcast_object(decision)
         history.append(record)
         log.info("%s epoch %d: %s", label, epoch, {k: round(v, 4) for k, v in record.items() if k != "epoch"})
-        if validate and stale > config.patience:
+        if stop:
             break
+    del wrapped
     if validate:
-        net.load_state_dict(best_state)
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        distributed.broadcast_module(net)
     net.cpu()
     return history
 
@@ -278,7 +411,10 @@ def run_epochs(
 def fit_user_groups(
     context: TrainingContext, model_config: ModelConfig, config: TrainConfig, progress: bool
 ) -> torch.Tensor:
-    """Pre-trains the warm expert alone, embeds the most active train users, clusters them."""
+    """Pre-trains the warm expert alone, embeds the most active train users, clusters them.
+
+    With several processes the pre-training is distributed like the main loop, and k-means runs once,
+    on rank 0, whose groups every rank receives."""
     pretrain_config = model_config.model_copy(
         update={
             "use_cold_expert": False,
@@ -292,13 +428,15 @@ def fit_user_groups(
     run_epochs(
         pretrained, context, config, pretrain_config, config.pretrain_epochs, "pretrain", False, progress
     )
-    rows = most_active_rows(context.samples, config.active_users)
-    pretrained.eval()
-    groups = cluster_group_embeddings(
-        embed_rows(pretrained.user_tower, context.samples, rows), model_config.n_user_groups, config.seed
-    )
-    log.info("clustered %d active users into %d groups", len(rows), model_config.n_user_groups)
-    return torch.as_tensor(groups)
+    groups = None
+    if distributed.current().is_main:
+        rows = most_active_rows(context.samples, config.active_users)
+        pretrained.eval()
+        groups = cluster_group_embeddings(
+            embed_rows(pretrained.user_tower, context.samples, rows), model_config.n_user_groups, config.seed
+        )
+        log.info("clustered %d active users into %d groups", len(rows), model_config.n_user_groups)
+    return torch.as_tensor(distributed.broadcast_object(groups))
 
 
 def user_bias_candidates(config: TrainConfig) -> list[str]:
@@ -320,15 +458,18 @@ def fit_cold_warm_net(
     torch.manual_seed(config.seed)
     selection = None
     if model_config.use_bias_net:
-        probe = ColdWarmNet(context.encoder, model_config)
-        selection = select_bias_features(
-            context.samples,
-            probe.item_scorer.bias_candidates,
-            user_bias_candidates(config),
-            item_bias_candidate_names(context.encoder),
-            model_config.bias_features,
-            config.seed,
-        )
+        # Chosen once, on rank 0 (the same seeded choice on every rank, but computed once and sent).
+        if distributed.current().is_main:
+            probe = ColdWarmNet(context.encoder, model_config)
+            selection = select_bias_features(
+                context.samples,
+                probe.item_scorer.bias_candidates,
+                user_bias_candidates(config),
+                item_bias_candidate_names(context.encoder),
+                model_config.bias_features,
+                config.seed,
+            )
+        selection = distributed.broadcast_object(selection)
         log.info("bias net features (MI): %s", selection.names)
     uses_groups = model_config.use_group_attention and (
         model_config.use_cold_expert or model_config.use_warm_expert

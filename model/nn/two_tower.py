@@ -2,14 +2,42 @@
 
 A subclass provides ``user_tower(profile, history, state) -> (e_u, b_u, gate)`` and
 ``item_scorer(positions) -> (e_i, b_i)``; training, evaluation and export only rely on this.
+Training scores its batches through ``forward`` (see there); evaluation and export call the towers.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+
+class CandidateLogits(NamedTuple):
+    """Scores of a batch's users against their candidates, (B, C) each."""
+
+    logits: torch.Tensor
+    # With distillation (Cold & Warm Net's DKD): the cold expert's scores with the items, biases and
+    # scale held fixed, and the warm expert's, without gradient.
+    cold: torch.Tensor | None = None
+    warm: torch.Tensor | None = None
+
+
+def candidate_logits(
+    e_user: torch.Tensor,
+    b_user: torch.Tensor,
+    e_items: torch.Tensor,
+    b_items: torch.Tensor,
+    scale: torch.Tensor,
+    per_sample: bool,
+) -> torch.Tensor:
+    """Scores of each user against its own candidates (B, C) or a shared list (C)."""
+    if per_sample:
+        batch, columns = b_items.shape
+        cosine = torch.einsum("bd,bcd->bc", e_user, e_items.view(batch, columns, -1))
+        return scale * cosine + b_user.unsqueeze(1) + b_items
+    return scale * (e_user @ e_items.t()) + b_user.unsqueeze(1) + b_items.unsqueeze(0)
 
 
 class TwoTowerNet(nn.Module):
@@ -37,3 +65,40 @@ class TwoTowerNet(nn.Module):
         e_u, b_u, _ = self.user_tower(profile, history, state)
         e_i, b_i = self.all_items()
         return self.scale * (e_u @ e_i.t()) + b_u.unsqueeze(1) + b_i.unsqueeze(0)
+
+    def forward(
+        self,
+        profile: torch.Tensor,
+        history: torch.Tensor,
+        state: torch.Tensor,
+        positions: torch.Tensor,
+        distil: bool = False,
+    ) -> CandidateLogits:
+        """Training's scores of B users against candidate items: a list shared by the batch
+        (``positions`` (C,), sampled softmax) or one list per user ((B, C), bce).
+
+        Everything with a trained weight in it runs here, because DistributedDataParallel hooks only
+        ``forward``: called on the wrapped net, the gradients of both towers, the bias net and the
+        scale are averaged over the processes. ``distil`` (the user tower must have ``experts``) adds
+        the cold and warm experts' own scores for dynamic knowledge distillation: only the cold expert
+        learns from the distillation, so the items, biases and scale are fixed in its scores, or the
+        gap would also be closed by flattening every score (a smaller scale); the warm expert's
+        scores are the target and carry no gradient.
+        """
+        if distil:
+            e_u, b_u, _, e_cold, e_warm = self.user_tower.experts(profile, history, state)
+        else:
+            e_u, b_u, _ = self.user_tower(profile, history, state)
+        per_sample = positions.dim() == 2
+        e_i, b_i = self.item_scorer(positions.reshape(-1))
+        if per_sample:
+            b_i = b_i.view(positions.shape)
+        scale = self.scale
+        logits = candidate_logits(e_u, b_u, e_i, b_i, scale, per_sample)
+        if not distil:
+            return CandidateLogits(logits)
+        fixed_items, fixed_bias, fixed_scale = e_i.detach(), b_i.detach(), scale.detach()
+        cold = candidate_logits(e_cold, b_u.detach(), fixed_items, fixed_bias, fixed_scale, per_sample)
+        with torch.no_grad():
+            warm = candidate_logits(e_warm, b_u, fixed_items, fixed_bias, fixed_scale, per_sample)
+        return CandidateLogits(logits, cold, warm)
