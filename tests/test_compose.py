@@ -2,7 +2,9 @@
 
 - the compose file is validated by real Compose implementations (`docker compose` v2 and Debian's
   `docker-compose` v1, each skipped when absent; .ci/install-system-deps installs both), and its structure
-  asserted in Python: services, depends_on conditions, healthchecks, ports, volumes, the gpu profile;
+  asserted in Python: services, depends_on conditions, healthchecks, ports, volumes, the gpu profile, and
+  the load balancer `lb` in front of the api replicas (its HAProxy config is checked and run by
+  tests/test_load_balancer.py);
 - the Dockerfiles are linted by hadolint (when installed) and by the checks below: multi-stage, pinned
   base tags, non-root numeric USER, HEALTHCHECK on /readyz, entrypoint `coldwarm`, one faiss wheel (never
   faiss-gpu-cu12), the runtime dependencies only;
@@ -43,11 +45,12 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 DOCKERFILE_GPU = ROOT / "docker" / "Dockerfile.gpu"
 TRAINER_SCRIPT = ROOT / "docker" / "trainer.sh"
 PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus" / "prometheus.yml"
+HAPROXY_CONFIG = ROOT / "docker" / "haproxy" / "haproxy.cfg"
 GRAFANA_DIR = ROOT / "docker" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboards" / "coldwarm.json"
 COMPOSE_V2_PLUGIN = Path("/usr/local/lib/docker/cli-plugins/docker-compose")
 
-DEFAULT_SERVICES = {"redis", "trainer", "api", "prometheus", "grafana"}
+DEFAULT_SERVICES = {"redis", "trainer", "api", "lb", "prometheus", "grafana"}
 GPU_SERVICES = {"trainer-gpu", "api-gpu"}
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 # A tiny model: the offline job takes seconds on two shared cores. One intra-op thread: torch's default
@@ -314,7 +317,13 @@ def test_compose_v2_resolves_profiles_and_variables() -> None:
     assert trainer["environment"]["COLDWARM_DATA"] == "synthetic"
     assert trainer["environment"]["COLDWARM_RETRAIN"] == "0"
     assert plain["services"]["redis"]["command"] == ["redis-server", "--save", "", "--appendonly", "no"]
-    assert {(p["target"], str(p["published"])) for p in plain["services"]["api"]["ports"]} == {(8000, "8000")}
+    # One host port for the api, whatever its --scale: the balancer's; the replicas publish none.
+    assert "ports" not in plain["services"]["api"]
+    assert {(p["target"], str(p["published"])) for p in plain["services"]["lb"]["ports"]} == {(8000, "8000")}
+    published = [str(p["published"]) for s in plain["services"].values() for p in s.get("ports", [])]
+    assert len(published) == len(set(published)), f"a host port bound twice: {published}"
+    moved = resolved(env={"COLDWARM_API_PORT": "9000"})["services"]
+    assert {(p["target"], str(p["published"])) for p in moved["lb"]["ports"]} == {(8000, "9000")}
     data_mount = next(v for v in trainer["volumes"] if v["target"] == "/var/lib/coldwarm/data")
     assert data_mount["type"] == "volume"
 
@@ -384,7 +393,9 @@ def test_api_service() -> None:
         "redis": {"condition": "service_healthy"},
     }
     assert "/readyz" in " ".join(healthcheck_command(api))
-    assert [interpolate(port, {}) for port in api["ports"]] == ["8000:8000"]
+    # No host port: `--scale api=3` binds nothing three times; lb publishes the one port (test_lb_service).
+    assert "ports" not in api
+    assert [str(port) for port in api.get("expose", ["8000"])] == ["8000"]
     # It serves what the trainer exported: the same volume, read-only, at the same path.
     trainer_env, api_env = environment(declared["trainer"]), environment(api)
     assert api_env["COLDWARM_ARTIFACTS_DIR"] == trainer_env["COLDWARM_ARTIFACTS_DIR"]
@@ -392,6 +403,40 @@ def test_api_service() -> None:
     assert api_env["COLDWARM_KEY_PREFIX"] == trainer_env["COLDWARM_KEY_PREFIX"]
     assert volume_mounts(api, {}) == [("artifacts", api_env["COLDWARM_ARTIFACTS_DIR"], "ro")]
     assert interpolate(api_env["COLDWARM_ADMIN_TOKEN"], {}) == "", "admin endpoints off unless a token is set"
+
+
+def test_lb_service() -> None:
+    """HAProxy publishes the api's port and balances over every replica of `api` (the config's checks,
+    and the config run in front of two real apis, are tests/test_load_balancer.py)."""
+    declared = services()
+    lb = declared["lb"]
+    assert re.fullmatch(r"haproxy:2\.6(\.\d+)?(-alpine)?", lb["image"]), (
+        "the branch Debian 12's haproxy checks in CI (`haproxy -c`)"
+    )
+    assert "build" not in lb and "profiles" not in lb
+    mounts = {target: (source, mode) for source, target, mode in volume_mounts(lb, {})}
+    assert mounts == {"/usr/local/etc/haproxy/haproxy.cfg": ("./docker/haproxy/haproxy.cfg", "ro")}
+    assert (ROOT / mounts["/usr/local/etc/haproxy/haproxy.cfg"][0]).resolve() == HAPROXY_CONFIG
+    # The api's host port, the variable included, now belongs to the balancer.
+    assert [interpolate(p, {}) for p in lb["ports"]] == ["8000:8000"]
+    assert [interpolate(p, {"COLDWARM_API_PORT": "9000"}) for p in lb["ports"]] == ["9000:8000"]
+    assert lb["depends_on"] == {"api": {"condition": "service_started"}}
+    assert lb["restart"] == "unless-stopped"
+    # Healthy while a replica answers /readyz through it; busybox wget is the alpine image's client.
+    check = healthcheck_command(lb)
+    assert check[0] == "wget" and check[-1] == "http://127.0.0.1:8000/readyz"
+
+    # The config listens on the port the compose file publishes, and resolves the api service by name
+    # through Docker's embedded DNS, at the port the api serves on.
+    config = [line.split() for line in HAPROXY_CONFIG.read_text().splitlines() if line.split()]
+    config = [words for words in config if not words[0].startswith("#")]
+    (bind,) = [words for words in config if words[0] == "bind"]
+    container_port = lb["ports"][0].rsplit(":", 1)[1]
+    assert bind[1] in (f":{container_port}", f"*:{container_port}", f"0.0.0.0:{container_port}")
+    assert ["nameserver", "docker", "127.0.0.11:53"] in config
+    templates = [words for words in config if words[0] == "server-template"]
+    assert templates and all(words[3] == "api:8000" for words in templates)
+    assert "8000" in declared["api"]["command"]
 
 
 def test_prometheus_and_grafana_services() -> None:
