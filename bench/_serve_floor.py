@@ -178,51 +178,18 @@ async def measure_floor(
     }
 
 
-async def _time_calls(read: Callable[[list[int]], Awaitable[Any]], batches: list[list[int]]) -> dict:
-    """As ``time_calls`` of bench/store_read.py: each call timed alone; p50, p99 and mean µs per call."""
-    clock = time.perf_counter_ns
-    spent: list[int] = []
-    started = clock()
-    for ids in batches:
-        t0 = clock()
-        await read(ids)
-        spent.append(clock() - t0)
-    total = clock() - started
-    spent.sort()
-    return {
-        "p50_us": spent[len(spent) // 2] / 1000,
-        "p99_us": spent[min(len(spent) - 1, int(0.99 * len(spent)))] / 1000,
-        "mean_us": total / len(batches) / 1000,
-    }
-
-
-def _feast_status() -> str:
-    try:
-        import feast  # noqa: F401
-    except ImportError:
-        return "not installed"
-    return "installed, not measured: needs a Feast repository and online store"
-
-
 async def measure_store_vs_plain(
     layout: Any, cap: int, user_ids: np.ndarray, args: argparse.Namespace
 ) -> dict:
     """The store's read of one user against the plain read of the same keys, interleaved in rounds."""
+    from service.feature_store.client import create_client
     from service.feature_store.redis_store import RedisFeatureStore
     from service.settings import ServiceSettings
 
-    try:
-        from service.feature_store.client import create_client
-    except ImportError:  # where it lived before the store learnt Redis Cluster
-        from service.feature_store.redis_store import create_client  # type: ignore[attr-defined,no-redef]
-    try:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from store_read import feast_status, time_calls
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from store_read import feast_status, time_calls
 
-        timer = "bench/store_read.py time_calls"
-    except Exception as error:  # another benchmark's module, maybe mid-change: the same timing here
-        feast_status, time_calls = _feast_status, _time_calls
-        timer = f"bench/_serve_floor.py (bench/store_read.py not importable: {type(error).__name__})"
+    timer = "bench/store_read.py time_calls"
 
     settings = ServiceSettings()  # the service's pool size and per-call bound
     pool_size, timeout_s = settings.redis_max_connections, settings.redis_timeout_ms / 1e3

@@ -30,10 +30,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from index_builder.settings import IndexSettings
+from index_builder.vectors import EMPTY_ID, checked_catalog
 
 logger = logging.getLogger(__name__)
 
-EMPTY_ID = -1
 # Vectors added per faiss call: small enough for a progress bar to move, large enough not to slow the add.
 ADD_CHUNK = 20_000
 # FAISS warns below 39 training points per IVF list: the k-means centroids get unreliable.
@@ -94,22 +94,6 @@ def _inner_index(settings: IndexSettings, d: int, n: int) -> faiss.Index:
     raise ValueError(f"unknown index type {settings.type!r}")
 
 
-def _check_vectors(vectors: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    item_ids = np.ascontiguousarray(item_ids, dtype=np.int64).reshape(-1)
-    if vectors.ndim != 2 or len(vectors) != len(item_ids):
-        raise ValueError(f"need vectors (n, d) and item_ids (n,), got {vectors.shape} and {item_ids.shape}")
-    if len(vectors) == 0:
-        raise ValueError("cannot build an index over no vectors")
-    if np.any(item_ids == EMPTY_ID):
-        raise ValueError(f"item id {EMPTY_ID} is reserved by FAISS for empty result slots")
-    if len(np.unique(item_ids)) != len(item_ids):
-        raise ValueError("item ids must be unique")
-    if not np.all(np.isfinite(vectors)):
-        raise ValueError("vectors contain NaN or infinity")
-    return vectors, item_ids
-
-
 def _train_and_add(index: faiss.Index, vectors: np.ndarray, item_ids: np.ndarray, progress: bool) -> None:
     if not index.is_trained:
         index.train(vectors)
@@ -125,7 +109,7 @@ def build_index(
     vectors: np.ndarray, item_ids: np.ndarray, settings: IndexSettings, progress: bool = False
 ) -> faiss.Index:
     """A CPU ``IndexIDMap2`` over the vectors, keyed by item id, search parameters applied."""
-    vectors, item_ids = _check_vectors(vectors, item_ids)
+    vectors, item_ids = checked_catalog(vectors, item_ids)
     n, d = vectors.shape
     index = faiss.IndexIDMap2(_inner_index(settings, d, n))
     if builds_on_gpu(settings):
@@ -202,7 +186,7 @@ def exact_search(
     vectors: np.ndarray, item_ids: np.ndarray, queries: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force ground truth: the same contract as ``search``, over the raw vectors."""
-    vectors, item_ids = _check_vectors(vectors, item_ids)
+    vectors, item_ids = checked_catalog(vectors, item_ids)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     # knn searches the array in place: no index, no copy of a catalog that may be large.
     scores, positions = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 import torch
 
+from index_builder.vectors import EMPTY_ID, checked_catalog
+
 if TYPE_CHECKING:
     import faiss
 
@@ -36,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 BackendName = Literal["faiss-cpu", "faiss-gpu", "torch-cpu", "torch-cuda"]
 
-EMPTY_ID = -1  # the same marker as faiss_index.EMPTY_ID, kept here so that torch needs no faiss
 # Scores held at once by a torch search: 2**26 floats = 256 MiB, e.g. 64 queries × 1M items.
 DEFAULT_MAX_SCORES = 2**26
 GPU_ID = 0  # one GPU per serving process: CUDA_VISIBLE_DEVICES selects which
@@ -65,24 +66,6 @@ class SearchBackend(Protocol):
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores float32 (B, k), item ids int64 (B, k)), best first; empty slots -1 / -inf."""
         ...
-
-
-def _checked_catalog(vectors: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rules ``faiss_index`` applies when it builds an index, so that both backends accept the same
-    catalogs (-1 cannot be an item: it marks empty slots)."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    item_ids = np.ascontiguousarray(item_ids, dtype=np.int64).reshape(-1)
-    if vectors.ndim != 2 or len(vectors) != len(item_ids):
-        raise ValueError(f"need vectors (n, d) and item_ids (n,), got {vectors.shape} and {item_ids.shape}")
-    if len(vectors) == 0:
-        raise ValueError("cannot search over no vectors")
-    if np.any(item_ids == EMPTY_ID):
-        raise ValueError(f"item id {EMPTY_ID} is reserved for empty result slots")
-    if len(np.unique(item_ids)) != len(item_ids):
-        raise ValueError("item ids must be unique")
-    if not np.all(np.isfinite(vectors)):
-        raise ValueError("vectors contain NaN or infinity")
-    return vectors, item_ids
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -114,7 +97,7 @@ class TorchExactSearch:
             raise ValueError(f"torch search runs on cpu or cuda, not {device}")
         if max_scores < 1:
             raise ValueError(f"max_scores must be >= 1, got {max_scores}")
-        vectors, item_ids = _checked_catalog(vectors, item_ids)
+        vectors, item_ids = checked_catalog(vectors, item_ids)
         self.name: BackendName = "torch-cuda" if device.type == "cuda" else "torch-cpu"
         self.device = device
         self.n_items, self.dim = vectors.shape

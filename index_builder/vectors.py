@@ -32,3 +32,26 @@ def query_vectors(user_embeddings: np.ndarray) -> np.ndarray:
     out = np.ones((b, d + 1), dtype=np.float32)
     out[:, :d] = user_embeddings
     return out
+
+
+# The id FAISS gives empty result slots; no item may have it.
+EMPTY_ID = -1
+
+
+def checked_catalog(vectors: np.ndarray, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (n, d) vectors and int64 (n,) ids that every search backend accepts: as many ids as
+    vectors, at least one, unique, none the empty-slot id, every value finite (no faiss import: the
+    torch backend uses it where FAISS is not installed)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    item_ids = np.ascontiguousarray(item_ids, dtype=np.int64).reshape(-1)
+    if vectors.ndim != 2 or len(vectors) != len(item_ids):
+        raise ValueError(f"need vectors (n, d) and item_ids (n,), got {vectors.shape} and {item_ids.shape}")
+    if len(vectors) == 0:
+        raise ValueError("cannot search over no vectors")
+    if np.any(item_ids == EMPTY_ID):
+        raise ValueError(f"item id {EMPTY_ID} is reserved for empty result slots")
+    if len(np.unique(item_ids)) != len(item_ids):
+        raise ValueError("item ids must be unique")
+    if not np.all(np.isfinite(vectors)):
+        raise ValueError("vectors contain NaN or infinity")
+    return vectors, item_ids

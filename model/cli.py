@@ -354,7 +354,13 @@ def export(
     loaded = load_data(settings, None, None)
     report = run_dir / "report" / "report.json"
     metrics = json.loads(report.read_text())["results"].get(PRIMARY_MODEL, {}) if report.exists() else {}
-    source = DataSource.of(settings.data)
+    export_trained(trained, settings, loaded, metrics, DataSource.of(settings.data))
+
+
+def export_trained(
+    trained: TrainedModel, settings: Settings, loaded: InteractionData, metrics: dict, source: DataSource
+) -> Path:
+    """The artifacts of ``trained`` (compiled towers as ``settings.export`` says), logged."""
     directory = export_model(
         trained,
         settings.artifacts_dir,
@@ -365,6 +371,7 @@ def export(
         compile_devices(settings.export),
     )
     log.info("exported %s", directory)
+    return directory
 
 
 @app.command()
@@ -397,17 +404,7 @@ def run(
     outcome = run_experiments(context, settings, model_names, trained={PRIMARY_MODEL: trained})
     write_evaluation(outcome, loaded, run_dir / "report", time.perf_counter() - started)
     metrics = outcome.results[PRIMARY_MODEL].to_dict() if PRIMARY_MODEL in outcome.results else {}
-    source = DataSource.of(settings.data, users, items)
-    directory = export_model(
-        trained,
-        settings.artifacts_dir,
-        data_fingerprint(loaded),
-        loaded.name,
-        metrics,
-        source,
-        compile_devices(settings.export),
-    )
-    log.info("exported %s", directory)
+    directory = export_trained(trained, settings, loaded, metrics, DataSource.of(settings.data, users, items))
     from index_builder.build import build_index_artifacts
     from index_builder.settings import IndexSettings
 
