@@ -312,7 +312,12 @@ def resolve_version_dir(path: Path) -> Path:
         return path
     latest = path / LATEST_FILE
     if latest.exists():
-        return path / latest.read_text().strip()
+        name = latest.read_text().strip()
+        # A version is a directory of the root, named by it: LATEST must not point anywhere else (an
+        # absolute path, "..", a nested path), as no reload request may.
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ArtifactError(f"{latest}: {name!r} is not the name of a version directory of {path}")
+        return path / name
     raise ArtifactError(
         f"{path}: neither an artifacts version directory nor a root with a {LATEST_FILE} file"
     )

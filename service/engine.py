@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from index_builder.build import load_index
-from index_builder.faiss_index import exact_search
-from index_builder.search_backends import SearchBackend, choose_backend, resolve_device
+from index_builder.search_backends import SearchBackend, TorchExactSearch, choose_backend, resolve_device
 from index_builder.settings import IndexSettings
 from index_builder.vectors import fold_bias, query_vectors
 from model.artifacts import ArtifactError, Artifacts, artifacts_root, load_artifacts
@@ -51,6 +50,9 @@ class ServingBundle:
     # What runs the top-k search: this index with FAISS (CPU or GPU), or exact torch search on the
     # tower's device (index_builder/search_backends.py).
     searcher: SearchBackend
+    # Exact search over ``vectors`` on the CPU, for rows an approximate index leaves short: its catalog
+    # is checked once, here, not on every call (np.unique and isfinite over n × (d + 1) values).
+    exact: SearchBackend | None = None
     # The answer for a user the service knows nothing of, ranked once at load: what an overloaded
     # service hands out instead of queueing (cold-start quality, no model or search cost).
     cold_answer: Recommendation | None = None
@@ -106,7 +108,8 @@ def load_bundle(
         index, vectors, artifacts.items.item_ids, index_settings.search_backend, torch_device
     )
     version = str(manifest.get("index_version", ""))
-    bundle = ServingBundle(artifacts, index, manifest, version, vectors, searcher)
+    exact = TorchExactSearch(vectors, artifacts.items.item_ids, torch.device("cpu"))
+    bundle = ServingBundle(artifacts, index, manifest, version, vectors, searcher, exact=exact)
     try:
         # Also the warm-up: first-call costs (TorchScript profiling, FAISS allocations) are paid here.
         cold = compute(bundle, UserRecord.unknown(0), int(time.time()), COLD_ANSWER_SIZE, set())
@@ -173,9 +176,10 @@ def compute_batch(bundle: ServingBundle, queries: Sequence[RecommendQuery]) -> l
     if short:
         # An approximate index (IVF probing few lists, HNSW's reachable graph) ran short of the
         # catalog for these rows; exact search over the same folded vectors always has every item.
-        exact_scores, exact_ids = exact_search(
-            bundle.vectors, bundle.artifacts.items.item_ids, vectors[short], fetch
+        exact = bundle.exact or TorchExactSearch(
+            bundle.vectors, bundle.artifacts.items.item_ids, torch.device("cpu")
         )
+        exact_scores, exact_ids = exact.search(vectors[short], fetch)
         for at, row in enumerate(short):
             kept[row] = survivors(exact_ids[at], exact_scores[at], queries[row].exclude, queries[row].k)
     search_done = time.perf_counter()

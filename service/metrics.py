@@ -81,7 +81,33 @@ class ServiceMetrics:
             "Model and index versions being served, the search backend, the tower's device and format",
             registry=self.registry,
         )
+        # Label children bound once (stage, gate, request); endpoints are route templates, statuses and
+        # groups few, so these stay small.
+        self._stages: dict[str, Histogram] = {}
+        self._gates: dict[str, Histogram] = {}
+        self._requests: dict[tuple[str, int, str], Counter] = {}
         self.index_size = Gauge("coldwarm_index_items", "Items in the served index", registry=self.registry)
+
+    def stage(self, name: str) -> Histogram:
+        """The stage histogram's child for ``name``, bound once: ``labels()`` on every request costs a
+        lock and a dict lookup per call."""
+        child = self._stages.get(name)
+        if child is None:
+            child = self._stages[name] = self.stage_latency.labels(name)
+        return child
+
+    def gate(self, group: str) -> Histogram:
+        child = self._gates.get(group)
+        if child is None:
+            child = self._gates[group] = self.gate_cold_weight.labels(group)
+        return child
+
+    def request(self, endpoint: str, status: int, group: str) -> Counter:
+        key = (endpoint, status, group)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(endpoint, str(status), group)
+        return child
 
     def set_versions(
         self,

@@ -35,7 +35,7 @@ class RequestCounter:
         finally:
             endpoint = getattr(scope.get("route"), "path", "unmatched")
             group = scope.get("state", {}).get("user_group", "none")
-            self.metrics.requests.labels(endpoint, str(status), group).inc()
+            self.metrics.request(endpoint, status, group).inc()
 
 
 class BodySizeLimit:

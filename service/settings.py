@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -91,11 +91,17 @@ class ServiceSettings(BaseSettings):
 
 
 def redacted_url(url: str) -> str:
-    """The URL with its password (redis://user:secret@host) replaced, for logs and error messages."""
+    """The URL with its password replaced, for logs and error messages: in the user part
+    (redis://user:secret@host) and in the query (redis://host/0?password=secret), the two places
+    redis-py reads one from."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = f"{parts.username}:" if parts.username else ":"
-    host = parts.hostname or ""
-    netloc = f"{user}***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        user = f"{parts.username}:" if parts.username else ":"
+        host = parts.hostname or ""
+        parts = parts._replace(netloc=f"{user}***@{host}" + (f":{parts.port}" if parts.port else ""))
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(name.lower() == "password" for name, _ in pairs):
+            hidden = [(name, "***" if name.lower() == "password" else value) for name, value in pairs]
+            parts = parts._replace(query=urlencode(hidden, safe="*"))
+    return urlunsplit(parts)

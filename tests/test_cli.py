@@ -434,3 +434,14 @@ def test_build_index_without_data_refuses_anything_but_the_recorded_training_dat
     error = the_error(invoke("build-index", "--artifacts-dir", copy))
     assert reason in error and error.endswith(PASS_TRAINING_DATA), error
     assert not (copy / INDEX_DIR).exists()
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:hunter2@127.0.0.1:1/0", "redis://127.0.0.1:1/0?password=hunter2"], ids=["user", "query"]
+)
+def test_load_features_never_prints_the_redis_password(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("COLDWARM_REDIS_URL", url)
+    result = invoke("load-features", "--data", "synthetic:50")
+    assert result.exit_code == 2
+    assert "hunter2" not in result.output and "***" in result.output
+    assert "Traceback" not in result.output

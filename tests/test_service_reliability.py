@@ -293,6 +293,11 @@ def test_an_approximate_index_that_runs_short_falls_back_to_exact_search(bundle_
         ("redis://:hunter2@redis:6379/0", "redis://:***@redis:6379/0"),
         ("rediss://app:hunter2@cache.example.com/1", "rediss://app:***@cache.example.com/1"),
         ("redis://app@redis:6379", "redis://app@redis:6379"),
+        ("redis://redis:6379/0?password=hunter2", "redis://redis:6379/0?password=***"),
+        (
+            "redis://app:one@redis:6379/0?socket_timeout=1&Password=two",
+            "redis://app:***@redis:6379/0?socket_timeout=1&Password=***",
+        ),
     ],
 )
 def test_redacted_url_hides_only_the_password(url: str, expected: str) -> None:

@@ -108,8 +108,8 @@ async def serve(
 def observe(metrics: ServiceMetrics, served: Served, stages: dict[str, float] | None) -> None:
     if stages is not None:
         for stage, seconds in stages.items():
-            metrics.stage_latency.labels(stage).observe(seconds)
-    metrics.gate_cold_weight.labels(user_group(served.record.count)).observe(served.result.gate_cold)
+            metrics.stage(stage).observe(seconds)
+    metrics.gate(user_group(served.record.count)).observe(served.result.gate_cold)
     if served.degraded_reason:
         metrics.degraded.labels(served.degraded_reason).inc()
 
