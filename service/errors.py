@@ -9,6 +9,7 @@ request must not turn its 422 into a 500 while the error itself is being seriali
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# An absolute filesystem path inside a message (up to a space, a colon or a quote).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s:'\"/]+/)*([^\s:'\"/]+)")
+
+
+def without_paths(message: str) -> str:
+    """``message`` with each absolute path cut to its last component (a version directory, a file):
+    callers learn what is wrong, not how the server's disk is laid out; the logs keep the full paths."""
+    return _ABSOLUTE_PATH.sub(r"\1", message)
 
 
 class ErrorBody(BaseModel):

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.errors import without_paths
 from service.feature_store import FeatureStoreError
 from service.state import ServiceState, State
 
@@ -34,7 +35,10 @@ async def readyz(state: State) -> JSONResponse:
     body = {
         "ready": ready,
         "feature_store": feature_store,
-        "artifacts": {"loaded": bundle is not None, "error": recommender.load_error},
+        "artifacts": {
+            "loaded": bundle is not None,
+            "error": without_paths(recommender.load_error) if recommender.load_error else None,
+        },
         "model_version": bundle.model_version if bundle else None,
         "index_version": bundle.index_version if bundle else None,
         "n_items": bundle.n_items if bundle else 0,

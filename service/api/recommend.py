@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from model.evaluation.protocol import user_group
 from service.engine import NotLoadedError, OverloadedError, Recommendation, RecommendQuery
-from service.errors import documented, render_error, validation_detail, validation_message
+from service.errors import documented, render_error, validation_detail, validation_message, without_paths
 from service.feature_store import FeatureStoreError, UserRecord
 from service.metrics import ServiceMetrics
 from service.schemas import BatchRecommendRequest, BatchRecommendResponse, RecommendRequest, RecommendResponse
@@ -98,7 +98,7 @@ async def serve(
             for b, r, result in zip(bodies, records, shed, strict=True)
         ]
     except NotLoadedError as error:
-        raise HTTPException(503, f"not ready: {error}") from error
+        raise HTTPException(503, f"not ready: {without_paths(str(error))}") from error
     return [
         outcome if isinstance(outcome, BaseException) else Served(body.user_id, record, outcome, store_reason)
         for body, record, outcome in zip(bodies, records, outcomes, strict=True)
