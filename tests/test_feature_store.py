@@ -37,6 +37,7 @@ from service.feature_store.loader import bulk_load, load_memory_store
 from service.feature_store.memory_store import MemoryFeatureStore
 from service.feature_store.records import (
     EVENT_IDS_KEPT,
+    EventIdConflictError,
     UserRecord,
     records_from_interactions,
     records_to_raw_users,
@@ -387,7 +388,7 @@ def test_invalid_events_are_rejected(backend: Backend) -> None:
 def test_an_event_id_seen_among_the_last_ones_is_not_applied_again(backend: Backend) -> None:
     async def scenario(store: FeatureStore) -> list[UserRecord]:
         answers = [await store.record_event(21, 10, 100, "first")]
-        answers.append(await store.record_event(21, 11, 101, "first"))  # a retry: same state back
+        answers.append(await store.record_event(21, 10, 101, "first"))  # a retry: same state back
         answers.append(await store.record_event(21, 12, 102, "second"))
         answers.append(await store.record_event(21, 13, 103))  # no id: always applied
         answers.append(await store.record_event(21, 13, 103))
@@ -400,6 +401,21 @@ def test_an_event_id_seen_among_the_last_ones_is_not_applied_again(backend: Back
     assert [a.count for a in answers] == [1, 1, 2, 3, 4, 5 + EVENT_IDS_KEPT]
     assert answers[1] == answers[0] == UserRecord(21, {}, [10], 1, 100, 100, True)
     assert answers[-1].actions[0] == 14
+
+
+def test_an_event_id_sent_again_with_another_item_is_a_conflict(backend: Backend) -> None:
+    """Not a retry: the client reused an id. It is refused, and the first event stays as it was."""
+
+    async def scenario(store: FeatureStore) -> tuple[EventIdConflictError, UserRecord]:
+        await store.record_event(22, 10, 100, "reused")
+        with pytest.raises(EventIdConflictError) as caught:
+            await store.record_event(22, 11, 101, "reused")
+        [record] = await store.get_users([22])
+        return caught.value, record
+
+    error, record = backend.run(scenario)
+    assert "'reused'" in str(error) and "user 22" in str(error)
+    assert (record.count, record.actions, record.last_ts) == (1, [10], 100)
 
 
 @pytest.mark.parametrize("event_id", ["a b", "x" * 65, "é", "a\nb", 7])

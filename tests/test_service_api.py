@@ -320,6 +320,11 @@ def test_event_without_timestamp_uses_now_and_bad_events_are_422(served: Served)
     answers = [client.post("/events", json=retry).json() for _ in range(3)]
     assert [a["interaction_count"] for a in answers] == [2, 2, 2]
     assert answers[-1]["recent_items"] == [6, 5]
+    # The same id with another item is a client bug, not a retry: 409, and nothing changes.
+    reused = client.post("/events", json={**retry, "item_id": 7})
+    assert reused.status_code == 409
+    assert "order-17:view" in reused.json()["message"]
+    assert client.get(f"/users/{user_id}").json()["recent_items"] == [6, 5]
 
 
 def test_get_user_of_a_loaded_and_an_unknown_user(served: Served) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 from fastapi import APIRouter, HTTPException, Path, Request
 
 from model.evaluation.protocol import user_group
 from service.errors import documented
 from service.feature_store import FeatureStoreError, UserRecord
+from service.feature_store.records import EventIdConflictError
 from service.schemas import EventRequest, ProfileRequest, ProfileResponse, UserState
 from service.state import ServiceState, State
 
@@ -37,7 +37,7 @@ def user_state(record: UserRecord) -> UserState:
     )
 
 
-@router.post("/events", response_model=UserState, responses=documented(413, 422, 503))
+@router.post("/events", response_model=UserState, responses=documented(409, 413, 422, 503))
 async def record_event(body: EventRequest, state: State, request: Request) -> UserState:
     """Adds an interaction atomically; the user's next /recommend already uses it."""
     now = int(time.time())
@@ -46,12 +46,13 @@ async def record_event(body: EventRequest, state: State, request: Request) -> Us
         # A future (or millisecond) timestamp would make the user look "active just now" forever.
         raise HTTPException(422, f"timestamp {timestamp} is in the future: send Unix seconds, at most now")
     try:
-        # An id even when the caller sends none: the Redis client's own retry after a lost reply
-        # then re-sends the same id, and the event counts once.
-        event_id = body.event_id or uuid.uuid4().hex
-        record = await state.store.record_event(body.user_id, body.item_id, timestamp, event_id)
+        # Without the caller's id the store gives the event one of its own: the Redis client's retry
+        # after a lost reply then counts once.
+        record = await state.store.record_event(body.user_id, body.item_id, timestamp, body.event_id)
     except FeatureStoreError as error:
         raise unavailable(state, "record_event", error) from error
+    except EventIdConflictError as error:
+        raise HTTPException(409, str(error)) from error
     answer = user_state(record)
     request.state.user_group = answer.user_group
     return answer

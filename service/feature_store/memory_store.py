@@ -17,6 +17,7 @@ from service.feature_store.keys import as_user_id
 from service.feature_store.records import (
     DEFAULT_CAP,
     EVENT_IDS_KEPT,
+    EventIdConflictError,
     UserRecord,
     check_event,
     check_event_id,
@@ -31,7 +32,8 @@ class _UserState:
     count: int = 0
     first_ts: int | None = None
     last_ts: int | None = None
-    event_ids: list[str] = field(default_factory=list)  # newest first, at most EVENT_IDS_KEPT
+    # (event id, item id), newest first, at most EVENT_IDS_KEPT
+    event_ids: list[tuple[str, int]] = field(default_factory=list)
 
 
 class MemoryFeatureStore:
@@ -54,9 +56,12 @@ class MemoryFeatureStore:
         event_id = check_event_id(event_id)
         state = self._users.setdefault(user_id, _UserState())
         if event_id:
-            if event_id in state.event_ids:
+            seen = dict(state.event_ids)
+            if event_id in seen:
+                if seen[event_id] != item_id:
+                    raise EventIdConflictError(user_id, event_id, item_id)
                 return self._record(user_id)
-            state.event_ids = [event_id, *state.event_ids[: EVENT_IDS_KEPT - 1]]
+            state.event_ids = [(event_id, item_id), *state.event_ids[: EVENT_IDS_KEPT - 1]]
         state.actions = [item_id, *state.actions[: self.cap - 1]]
         state.count += 1
         if state.first_ts is None or timestamp < state.first_ts:

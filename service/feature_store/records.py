@@ -183,6 +183,21 @@ def check_event(user_id: int, item_id: int, timestamp: int) -> tuple[int, int, i
 
 # Ids of a user's last events kept for deduplication: enough for any retry of the latest few events.
 EVENT_IDS_KEPT = 8
+# Stored with each kept event id: the item it was for ("id=item"; "=" is not an id character), so that
+# an id sent again for another item is told apart from a retry.
+EVENT_ITEM_SEPARATOR = "="
+
+
+class EventIdConflictError(ValueError):
+    """An event id among the user's last ones came again with another item: not a retry, a client bug."""
+
+    def __init__(self, user_id: int, event_id: str, item_id: int) -> None:
+        super().__init__(
+            f"event_id {event_id!r} was already used for another item of user {user_id}; "
+            f"a retry must send the same item ({item_id} differs)"
+        )
+
+
 # No spaces: the script keeps the ids space-separated. The API validates with the same pattern.
 EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 _EVENT_ID = re.compile(EVENT_ID_PATTERN)

@@ -27,6 +27,8 @@ from service.feature_store.keys import EVENT_IDS_FIELD, KeyLayout, as_user_id
 from service.feature_store.records import (
     DEFAULT_CAP,
     EVENT_IDS_KEPT,
+    EVENT_ITEM_SEPARATOR,
+    EventIdConflictError,
     UserRecord,
     check_event,
     check_event_id,
@@ -63,8 +65,18 @@ local ts = tonumber(ARGV[2])
 local cap = tonumber(ARGV[3])
 local event_id = ARGV[4]
 local seen = redis.call('HGET', KEYS[1], '{EVENT_IDS_FIELD}') or ''
-if event_id ~= '' and string.find(' ' .. seen .. ' ', ' ' .. event_id .. ' ', 1, true) then
-  return {{redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, cap - 1)}}
+local entry = event_id .. '{EVENT_ITEM_SEPARATOR}' .. ARGV[1]
+if event_id ~= '' then
+  local padded = ' ' .. seen .. ' '
+  -- The same id for the same item (or an id kept before items were): a retry, applied once.
+  local same = string.find(padded, ' ' .. entry .. ' ', 1, true)
+  if same or string.find(padded, ' ' .. event_id .. ' ', 1, true) then
+    return {{redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, cap - 1)}}
+  end
+  -- The same id for another item: a third element tells the caller.
+  if string.find(padded, ' ' .. event_id .. '{EVENT_ITEM_SEPARATOR}', 1, true) then
+    return {{redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, cap - 1), 1}}
+  end
 end
 redis.call('LPUSH', KEYS[2], ARGV[1])
 redis.call('LTRIM', KEYS[2], 0, cap - 1)
@@ -80,7 +92,7 @@ if last == nil or ts > last then
   redis.call('HSET', KEYS[1], 'last_ts', ARGV[2])
 end
 if event_id ~= '' then
-  local kept = {{event_id}}
+  local kept = {{entry}}
   for id in string.gmatch(seen, '%S+') do
     if #kept >= tonumber(ARGV[5]) then break end
     kept[#kept + 1] = id
@@ -193,7 +205,10 @@ class RedisFeatureStore:
             if self.wait_replicas
             else self._record_event(keys=keys, args=args)
         )
-        fields, actions = await self._bounded("record_event", write)
+        reply = await self._bounded("record_event", write)
+        if len(reply) > 2:
+            raise EventIdConflictError(user_id, event_id, item_id)
+        fields, actions = reply[0], reply[1]
         return parse_record(user_id, fields, actions)
 
     async def _write_and_wait(self, keys: list[str], args: list[Any]) -> Any:
