@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import typer
 from model_fixtures import one_torch_thread
 from typer.testing import CliRunner
 
 from index_builder.build import INDEX_DIR, INDEX_MANIFEST_FILE
 from model.artifacts import LATEST_FILE, MANIFEST_FILE, DataSource, data_fingerprint, load_artifacts
 from model.checkpoint import load_checkpoint
-from model.cli import app
+from model.cli import app, data_app
 from model.data.synthetic import generate_synthetic
 from model.evaluation.protocol import GROUP_NAMES
 
@@ -72,13 +73,32 @@ def unwrapped(output: str) -> str:
 # ----- help ---------------------------------------------------------------------------------------------
 
 
-def test_help_lists_every_command() -> None:
-    result = invoke("--help")
-    assert result.exit_code == 0
-    for command in ("train", "evaluate", "export", "run", "data"):
-        assert command in result.output
+def command_names(typer_app: typer.Typer) -> list[str]:
+    return [c.name or (c.callback.__name__ if c.callback else "") for c in typer_app.registered_commands]
+
+
+EXPECTED_COMMANDS = {"train", "evaluate", "export", "run", "build-index", "load-features", "serve"}
+
+
+def test_help_lists_every_command_and_each_help_runs() -> None:
+    """Every registered command (and data's) is listed by --help, and its own --help runs, showing the
+    first line of its docstring: a command added without help, or whose help crashes, fails here."""
+    names = command_names(app)
+    assert set(names) >= EXPECTED_COMMANDS, names
+    listing = invoke("--help")
+    assert listing.exit_code == 0
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__
+        assert name in listing.output, name
+        result = invoke(name, "--help")
+        assert result.exit_code == 0, (name, result.output)
+        summary = (command.callback.__doc__ or "").strip().splitlines()[0]
+        assert summary and unwrapped(summary).split()[0] in result.output, name
     data_help = invoke("data", "--help")
-    assert data_help.exit_code == 0 and "fetch" in data_help.output
+    assert data_help.exit_code == 0
+    for name in command_names(data_app):
+        assert name in data_help.output
+        assert invoke("data", name, "--help").exit_code == 0, name
 
 
 def test_console_script_entry_point() -> None:
