@@ -52,6 +52,14 @@ class ServiceSettings(BaseSettings):
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads of one search; more hurts latency")
     # SecretStr: the token never appears in a repr, a log line or a traceback of the settings.
     admin_token: SecretStr | None = Field(None, description="bearer token of /admin/*; unset disables them")
+    write_token: SecretStr | None = Field(
+        None, description="bearer token of POST /events and the profile write; unset: open"
+    )
+    read_token: SecretStr | None = Field(
+        None,
+        description="bearer token of GET /users/{id} (the write token works too); unset: the write "
+        "token guards it when set, else open",
+    )
     history_cap: int = Field(
         DEFAULT_CAP,
         ge=1,

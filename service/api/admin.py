@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException
 
 from model.artifacts import ArtifactError
+from service.api.auth import bearer_matches, configured, refuse
 from service.engine import resolve_reload_dir
 from service.errors import documented
 from service.schemas import ReloadRequest, ReloadResponse
@@ -18,12 +18,10 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 
 def check_token(state: ServiceState, authorization: str | None) -> None:
     secret = state.settings.admin_token
-    token = secret.get_secret_value() if secret is not None else ""
-    if not token:
+    if secret is None or not configured(secret):
         raise HTTPException(404, "admin endpoints are disabled: set COLDWARM_ADMIN_TOKEN to enable them")
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.encode()):
-        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+    if not bearer_matches(authorization, secret):
+        raise refuse()
 
 
 @router.post("/reload", response_model=ReloadResponse, responses=documented(401, 404, 413, 422))

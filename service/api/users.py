@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, HTTPException, Path, Request
 
 from model.evaluation.protocol import user_group
+from service.api.auth import ReadAccess, WriteAccess
 from service.errors import documented
 from service.feature_store import FeatureStoreError, UserRecord
 from service.feature_store.records import EventIdConflictError
@@ -37,8 +38,8 @@ def user_state(record: UserRecord) -> UserState:
     )
 
 
-@router.post("/events", response_model=UserState, responses=documented(409, 413, 422, 503))
-async def record_event(body: EventRequest, state: State, request: Request) -> UserState:
+@router.post("/events", response_model=UserState, responses=documented(401, 409, 413, 422, 503))
+async def record_event(body: EventRequest, state: State, request: Request, _: WriteAccess) -> UserState:
     """Adds an interaction atomically; the user's next /recommend already uses it."""
     now = int(time.time())
     timestamp = body.timestamp if body.timestamp is not None else now
@@ -58,8 +59,12 @@ async def record_event(body: EventRequest, state: State, request: Request) -> Us
     return answer
 
 
-@router.put("/users/{user_id}/profile", response_model=ProfileResponse, responses=documented(413, 422, 503))
-async def put_profile(body: ProfileRequest, state: State, user_id: int = UserIdPath) -> ProfileResponse:
+@router.put(
+    "/users/{user_id}/profile", response_model=ProfileResponse, responses=documented(401, 413, 422, 503)
+)
+async def put_profile(
+    body: ProfileRequest, state: State, _: WriteAccess, user_id: int = UserIdPath
+) -> ProfileResponse:
     """Sets the given profile fields; values the model never saw become out-of-vocabulary, not errors."""
     fields = {name: value for name, value in body.model_dump().items() if value is not None}
     try:
@@ -70,8 +75,8 @@ async def put_profile(body: ProfileRequest, state: State, user_id: int = UserIdP
     return ProfileResponse(user_id=user_id, profile=record.profile)
 
 
-@router.get("/users/{user_id}", response_model=UserState, responses=documented(422, 503))
-async def get_user(state: State, user_id: int = UserIdPath) -> UserState:
+@router.get("/users/{user_id}", response_model=UserState, responses=documented(401, 422, 503))
+async def get_user(state: State, _: ReadAccess, user_id: int = UserIdPath) -> UserState:
     """What the service knows of a user (an unknown user is a cold-start user with nothing recorded)."""
     try:
         [record] = await state.store.get_users([user_id])
