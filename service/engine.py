@@ -167,19 +167,27 @@ def compute_batch(bundle: ServingBundle, queries: Sequence[RecommendQuery]) -> l
     started = time.perf_counter()
     vectors, user_bias, gate = embed_users(bundle, [q.record for q in queries], [q.now for q in queries])
     model_done = time.perf_counter()
-    # Over-fetching by the exclusions guarantees k survivors whenever the catalog has them; the batch
-    # fetches what its most demanding query needs.
-    fetch = min(max(q.k + len(q.exclude) for q in queries), bundle.n_items)
+    # Over-fetching by the exclusions guarantees k survivors whenever the catalog has them. The batch
+    # fetches what most of its queries need; a query with far more exclusions than its batchmates (one
+    # with thousands would make every row fetch thousands) is searched again alone if it runs short.
+    needs = [min(q.k + len(q.exclude), bundle.n_items) for q in queries]
+    fetch = sorted(needs)[(len(needs) - 1) * 3 // 4]
     scores, ids = bundle.searcher.search(vectors, fetch)
     kept = [survivors(ids[row], scores[row], q.exclude, q.k) for row, q in enumerate(queries)]
-    short = [row for row, q in enumerate(queries) if len(kept[row]) < q.k and (ids[row] < 0).any()]
+    ran_short = [bool((ids[row] < 0).any()) for row in range(len(queries))]
+    for row, query in enumerate(queries):
+        if len(kept[row]) < query.k and needs[row] > fetch:
+            alone_scores, alone_ids = bundle.searcher.search(vectors[row : row + 1], needs[row])
+            kept[row] = survivors(alone_ids[0], alone_scores[0], query.exclude, query.k)
+            ran_short[row] = bool((alone_ids[0] < 0).any())
+    short = [row for row, q in enumerate(queries) if len(kept[row]) < q.k and ran_short[row]]
     if short:
         # An approximate index (IVF probing few lists, HNSW's reachable graph) ran short of the
         # catalog for these rows; exact search over the same folded vectors always has every item.
         exact = bundle.exact or TorchExactSearch(
             bundle.vectors, bundle.artifacts.items.item_ids, torch.device("cpu")
         )
-        exact_scores, exact_ids = exact.search(vectors[short], fetch)
+        exact_scores, exact_ids = exact.search(vectors[short], max(needs[row] for row in short))
         for at, row in enumerate(short):
             kept[row] = survivors(exact_ids[at], exact_scores[at], queries[row].exclude, queries[row].k)
     search_done = time.perf_counter()

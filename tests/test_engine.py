@@ -158,3 +158,33 @@ def test_batched_timings_are_the_batchs(bundle_a: ServingBundle, queries: list[R
     assert len({(a.model_seconds, a.search_seconds) for a in batched}) == 1
     assert 0 < batched[0].model_seconds + batched[0].search_seconds <= elapsed
     assert np.isfinite([s for a in batched for s in a.scores]).all()
+
+
+def test_a_query_with_many_exclusions_is_answered_alone_not_by_widening_the_batch(
+    bundle_a: ServingBundle, queries: list[RecommendQuery]
+) -> None:
+    """One query excluding most of the catalog beside ordinary ones: each answer equals its own
+    computation alone, and the ordinary rows were searched no wider than they need."""
+    catalog = bundle_a.artifacts.items.item_ids.tolist()
+    heavy = dataclasses.replace(queries[2], k=20, exclude=set(catalog[: len(catalog) - 30]))
+    batch = [*queries[:6], heavy]
+    fetched: list[int] = []
+    searcher = bundle_a.searcher
+
+    class Recording:
+        name, n_items = searcher.name, searcher.n_items
+
+        def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            fetched.append(k)
+            return searcher.search(vectors, k)
+
+    recorded = dataclasses.replace(bundle_a, searcher=Recording())
+    answers = compute_batch(recorded, batch)
+    for query, answer in zip(batch, answers, strict=True):
+        assert_same_answer(answer, alone(bundle_a, query))
+    assert len(answers[-1].item_ids) == 20 and not set(answers[-1].item_ids) & heavy.exclude
+    heavy_need = min(heavy.k + len(heavy.exclude), len(catalog))
+    # The shared search fetched what most rows need; the heavy row (and any other row that ran short)
+    # was searched again alone, at its own width.
+    assert fetched[0] < heavy_need and fetched[1:] and max(fetched[1:]) == heavy_need, fetched
+    assert len(fetched) - 1 < len(batch), fetched
