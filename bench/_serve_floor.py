@@ -202,12 +202,7 @@ async def measure_store_vs_plain(
         last = cap - 1
 
         async def plain(ids: list[int]) -> Any:
-            async with plain_client.pipeline(transaction=True) as pipe:
-                for user_id in ids:
-                    user_key, actions_key = keys[user_id]
-                    pipe.hgetall(user_key)
-                    pipe.lrange(actions_key, 0, last)
-                return await pipe.execute(raise_on_error=False)
+            return await plain_multi_read(plain_client, [keys[user_id] for user_id in ids], last)
 
         readers: dict[str, Callable[[list[int]], Awaitable[Any]]] = {"store": store.get_users, "plain": plain}
         sample = known[:3]
