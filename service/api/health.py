@@ -22,16 +22,19 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(state: State) -> JSONResponse:
     """Artifacts are loaded and the feature store answers (a cluster: every slot served); 503 otherwise.
-    Without Redis the service
-    still serves, degraded, but a load balancer should prefer a ready instance; without artifacts it
-    serves nothing, and the body says why."""
+    Without Redis the service still serves, degraded, but a load balancer should prefer a ready
+    instance; without artifacts it serves nothing, and the body says why."""
     recommender = state.recommender
     bundle = recommender.bundle
-    store_ok = await state.store.ping()
-    ready = store_ok and bundle is not None
-    feature_store: dict[str, object] = {"kind": state.store_kind, "reachable": store_ok}
+    feature_store: dict[str, object] = {"kind": state.store_kind}
     if state.store_kind == "redis-cluster":
+        # One CLUSTER INFO: the state says both whether a node answers and whether every slot is served.
         feature_store["cluster_state"] = await cluster_state(state)
+        store_ok = feature_store["cluster_state"] == "ok"
+    else:
+        store_ok = await state.store.ping()
+    feature_store["reachable"] = store_ok
+    ready = store_ok and bundle is not None
     body = {
         "ready": ready,
         "feature_store": feature_store,

@@ -9,7 +9,6 @@ as missing, and the user is served with what remains.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import re
 import uuid
@@ -287,16 +286,17 @@ class RedisFeatureStore:
                 if self._in_flight is None:
                     return await call
                 if not self._slot_map_known:
-                    await self._read_slot_map()
+                    try:
+                        await self._read_slot_map()
+                    except BaseException:
+                        call.close()  # never sent: no "coroutine was never awaited" warning
+                        raise
                 async with self._in_flight:
                     return await call
         except TimeoutError as exc:
             raise as_store_error(operation, exc, self.timeout_s) from exc
         except self._failures as exc:
             raise as_store_error(operation, exc, self.timeout_s) from exc
-        finally:
-            if inspect.getcoroutinestate(call) == inspect.CORO_CREATED:
-                call.close()  # never sent (the slot map could not be read): no "never awaited" warning
 
 
 def parse_record(user_id: int, fields: Any, actions: Any) -> UserRecord:
