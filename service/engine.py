@@ -108,7 +108,12 @@ def load_bundle(
         index, vectors, artifacts.items.item_ids, index_settings.search_backend, torch_device
     )
     version = str(manifest.get("index_version", ""))
-    exact = TorchExactSearch(vectors, artifacts.items.item_ids, torch.device("cpu"))
+    # The torch backend on the CPU is that exact search already: its catalog is not checked twice.
+    exact = (
+        searcher
+        if searcher.name == "torch-cpu"
+        else TorchExactSearch(vectors, artifacts.items.item_ids, torch.device("cpu"))
+    )
     bundle = ServingBundle(artifacts, index, manifest, version, vectors, searcher, exact=exact)
     try:
         # Also the warm-up: first-call costs (TorchScript profiling, FAISS allocations) are paid here.
