@@ -286,3 +286,25 @@ def live_server(
         thread.join(timeout=30)
         sock.close()
         assert not thread.is_alive(), "uvicorn did not shut down"
+
+
+@contextmanager
+def one_request_queued(server: LiveServer) -> Iterator[list[httpx.Response]]:
+    """The model thread held busy and one /recommend queued behind it, so that the next request finds
+    a queue; on exit the thread is freed and the queued request's answer is in the yielded list."""
+    recommender = server.app.state.coldwarm.recommender
+    free = threading.Event()
+    recommender.batcher.executor.submit(free.wait)
+    answers: list[httpx.Response] = []
+    queued = threading.Thread(
+        target=lambda: answers.append(httpx.post(f"{server.url}/recommend", json={"user_id": 1, "k": 5}))
+    )
+    queued.start()
+    deadline = time.monotonic() + 10
+    while recommender.pending < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield answers
+    finally:
+        free.set()
+        queued.join(timeout=10)

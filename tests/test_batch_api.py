@@ -5,7 +5,6 @@ would, and the batching metrics show the work was done in model batches."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +23,7 @@ from service_fixtures import (  # noqa: E402
     live_server,
     load_users,
     metric,
+    one_request_queued,
     service_settings,
     stored_actions,
     users_by_length,
@@ -160,20 +160,9 @@ def test_an_overload_sheds_the_whole_batch_with_cold_answers(
     settings = service_settings(serving_artifacts.a.directory, key_prefix, max_queue_ms=0)
     with live_server(settings) as server:
         recommender = server.app.state.coldwarm.recommender
-        free = threading.Event()
-        recommender.batcher.executor.submit(free.wait)  # the model thread is busy
-        waiting: list[httpx.Response] = []
-        first = threading.Thread(
-            target=lambda: waiting.append(httpx.post(f"{server.url}/recommend", json={"user_id": 1, "k": 5}))
-        )
-        first.start()
-        deadline = time.monotonic() + 10
-        while recommender.pending < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        users = some_users(serving_artifacts, 3)
-        response = batch(server, [{"user_id": u, "k": 4} for u in users])
-        free.set()
-        first.join(timeout=10)
+        with one_request_queued(server) as waiting:
+            users = some_users(serving_artifacts, 3)
+            response = batch(server, [{"user_id": u, "k": 4} for u in users])
         assert response.status_code == 200
         for user, result in zip(users, response.json()["results"], strict=True):
             assert result["degraded"] is True and result["degraded_reason"] == "overloaded"

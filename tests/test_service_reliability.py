@@ -43,6 +43,7 @@ from service_fixtures import (  # noqa: E402
     ServingArtifacts,
     live_server,
     load_users,
+    one_request_queued,
     service_settings,
 )
 
@@ -245,27 +246,16 @@ def test_overloaded_service_answers_degraded_instead_of_queueing(
     settings = service_settings(serving_artifacts.a.directory, key_prefix, max_queue_ms=0)
     with live_server(settings) as server:
         recommender = server.app.state.coldwarm.recommender
-        model_thread_free = threading.Event()
-        recommender.batcher.executor.submit(model_thread_free.wait)
-        first: list[httpx.Response] = []
-        waiting = threading.Thread(
-            target=lambda: first.append(httpx.post(f"{server.url}/recommend", json={"user_id": 1, "k": 5}))
-        )
-        waiting.start()
-        deadline = time.monotonic() + 10
-        while recommender.pending < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert recommender.pending == 1
+        with one_request_queued(server) as first:
+            assert recommender.pending == 1
 
-        shed = server.recommend(user_id=UNKNOWN_USER, k=5)
-        assert shed.status_code == 200
-        body = shed.json()
-        assert body["degraded"] is True and body["degraded_reason"] == "overloaded"
-        assert [item["item_id"] for item in body["items"]] == _cold_ids(recommender.bundle, 5, set())
-        assert body["model_version"] == serving_artifacts.a.model_version
+            shed = server.recommend(user_id=UNKNOWN_USER, k=5)
+            assert shed.status_code == 200
+            body = shed.json()
+            assert body["degraded"] is True and body["degraded_reason"] == "overloaded"
+            assert [item["item_id"] for item in body["items"]] == _cold_ids(recommender.bundle, 5, set())
+            assert body["model_version"] == serving_artifacts.a.model_version
 
-        model_thread_free.set()
-        waiting.join(timeout=10)
         assert first[0].status_code == 200 and first[0].json()["degraded"] is False
         samples = server.client.get("/metrics").text
         assert 'coldwarm_degraded_answers_total{reason="overloaded"} 1.0' in samples
