@@ -457,31 +457,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     saves = root / "saves.txt"
     env = environment(SAVES_FILE=str(saves), PYTHONPATH=os.pathsep.join([str(root), *sys.path]))
     seconds = {}
-    started = time.perf_counter()
-    one = subprocess.run(
-        [sys.executable, "-m", "model.cli", *train_command(root / "one")],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    seconds["one"] = time.perf_counter() - started
-    assert one.returncode == 0, one.stderr[-3000:]
-    started = time.perf_counter()
-    two = subprocess.run(
+
+    def timed(name: str, command: list[str]) -> subprocess.CompletedProcess[str]:
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        seconds[name] = time.perf_counter() - started
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    timed("one", [sys.executable, "-m", "model.cli", *train_command(root / "one")])
+    two = timed(
+        "two",
         [
             *[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
             *["-m", "save_probe", *train_command(root / "two")],
         ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
-    seconds["two"] = time.perf_counter() - started
-    assert two.returncode == 0, two.stderr[-3000:]
     return Runs(root / "one", root / "two", saves.read_text().split(), seconds, two.stderr)
 
 
