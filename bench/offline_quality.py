@@ -18,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-from model.cli import build_context, setup_logging
+from coldwarm.cli import build_context, setup_logging
 from model.data.movielens import load_movielens
 from model.evaluation.report import markdown_table, seeds_section, write_report
 from model.evaluation.run_store import RunStore

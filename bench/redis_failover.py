@@ -73,7 +73,7 @@ def start_service(
         "COLDWARM_REDIS_WAIT_REPLICAS": str(wait),
         "COLDWARM_REDIS_WAIT_TIMEOUT_MS": "50",
     }
-    command = [sys.executable, "-m", "model.cli", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "coldwarm", "serve", "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

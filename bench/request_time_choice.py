@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from model.cli import setup_logging
+from coldwarm.cli import setup_logging
 from model.data.loading import load_dataset
 from model.data.split import split_users
 from model.evaluation.protocol import EvalPoint, evaluate, gate_cold_means

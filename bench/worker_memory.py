@@ -65,7 +65,7 @@ def measure(artifacts: Path, workers: int, mmap: bool, redis_url: str) -> dict[s
         "COLDWARM_KEY_PREFIX": "worker-memory",
         "COLDWARM_INDEX_MMAP": "true" if mmap else "false",
     }
-    command = [sys.executable, "-m", "model.cli", "serve", "--port", str(port), "--workers", str(workers)]
+    command = [sys.executable, "-m", "coldwarm", "serve", "--port", str(port), "--workers", str(workers)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 180

@@ -18,10 +18,10 @@ import typer
 from model_fixtures import one_torch_thread
 from typer.testing import CliRunner
 
+from coldwarm.cli import app, data_app
 from index_builder.build import INDEX_DIR, INDEX_MANIFEST_FILE
 from model.artifacts import LATEST_FILE, MANIFEST_FILE, DataSource, data_fingerprint, load_artifacts
 from model.checkpoint import load_checkpoint
-from model.cli import app, data_app
 from model.data.synthetic import generate_synthetic
 from model.evaluation.protocol import GROUP_NAMES
 
@@ -103,7 +103,7 @@ def test_help_lists_every_command_and_each_help_runs() -> None:
 
 def test_console_script_entry_point() -> None:
     script = Path(sys.executable).with_name("coldwarm")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "model.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "coldwarm"]
     result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "export" in result.stdout

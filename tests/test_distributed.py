@@ -7,7 +7,7 @@
 - One process trains exactly as before scoring moved into ``TwoTowerNet.forward`` (recorded losses,
   and the step as it was, side by side).
 - The collectives between two real gloo processes.
-- End to end: ``torchrun --nproc-per-node 2 -m model.cli train`` writes one checkpoint (rank 0's),
+- End to end: ``torchrun --nproc-per-node 2 -m coldwarm train`` writes one checkpoint (rank 0's),
   validates within 0.01 of one process, and its export is built into an index and served.
 """
 
@@ -33,7 +33,8 @@ from model_fixtures import one_torch_thread
 from typer.testing import CliRunner
 
 import model.train as train
-from model import cli, distributed
+from coldwarm import cli
+from model import distributed
 from model.checkpoint import load_checkpoint
 from model.data.split import split_users
 from model.data.synthetic import generate_synthetic
@@ -301,7 +302,9 @@ def one_epoch(context: TrainingContext, model_config, config, step, monkeypatch)
 
 # Recorded with the code before the refactor (commit 3dd5e12): first, second and last batch losses of
 # the epoch, its record, and the sum of the trained parameters. Exact on the machine that recorded
-# them; the tolerance is for other CPUs' float rounding (a change of draws moves these by far more).
+# them; the tolerances are for other CPUs' float rounding (a change of draws moves these by far more:
+# seed 1 instead of 0 moves the softmax case's parameter sum from 60.4 to 23.4). The parameter sum adds
+# 101 Adam steps of rounding over every weight, so it drifts most: 2e-4 between two Xeons.
 RECORDED = {
     "softmax": (
         [8.373479843139648, 7.700658798217773, 5.096585750579834],
@@ -347,7 +350,7 @@ def test_one_process_trains_exactly_as_before_the_refactor(
     assert [now.losses[0], now.losses[1], now.losses[-1]] == pytest.approx(first_losses, rel=1e-4)
     assert now.record["loss"] == pytest.approx(epoch_loss, rel=1e-4)
     assert now.record["distilled"] == pytest.approx(distilled, abs=1e-3)
-    assert now.parameter_sum == pytest.approx(parameter_sum, rel=1e-4)
+    assert now.parameter_sum == pytest.approx(parameter_sum, rel=1e-3)
 
 
 # ----- collectives between two gloo processes --------------------------------------------------------
@@ -410,10 +413,10 @@ SMALL_ENV = {
     "COLDWARM_EXPORT__COMPILED_TOWER": "off",
     "OMP_NUM_THREADS": "1",
 }
-# model.cli's train command, with save_checkpoint recording which rank called it.
+# coldwarm's train command, with save_checkpoint recording which rank called it.
 SAVE_PROBE = """
 import os, sys
-from model import cli
+from coldwarm import cli
 
 saving = cli.save_checkpoint
 
@@ -465,7 +468,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
-    timed("one", [sys.executable, "-m", "model.cli", *train_command(root / "one")])
+    timed("one", [sys.executable, "-m", "coldwarm", *train_command(root / "one")])
     two = timed(
         "two",
         [
@@ -570,7 +573,7 @@ def test_nproc_launches_torchrun_with_the_same_command(
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in command and "--nproc-per-node=2" in command
     assert command[command.index("-m", 3) :] == [
-        *["-m", "model.cli", "train", "--run-dir", str(tmp_path)],
+        *["-m", "coldwarm", "train", "--run-dir", str(tmp_path)],
         *["--data", DATA, "--epochs", "1"],
     ]
 

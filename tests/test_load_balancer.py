@@ -303,7 +303,7 @@ class RedisRelay:
 
 def coldwarm_command() -> list[str]:
     script = shutil.which("coldwarm")
-    return [script] if script else [sys.executable, "-m", "model.cli"]
+    return [script] if script else [sys.executable, "-m", "coldwarm"]
 
 
 @dataclass

@@ -30,7 +30,7 @@ STARTUP_S = 120
 
 def coldwarm_command() -> list[str]:
     script = shutil.which("coldwarm")
-    return [script] if script else [sys.executable, "-m", "model.cli"]
+    return [script] if script else [sys.executable, "-m", "coldwarm"]
 
 
 def free_port() -> int:

@@ -296,7 +296,7 @@ def launch_torchrun(
         "--standalone",
         f"--nproc-per-node={nproc}",
         "-m",
-        "model.cli",
+        "coldwarm",
         "train",
         *arguments,
     ]
