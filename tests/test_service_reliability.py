@@ -35,7 +35,8 @@ from service.engine import (
     embed_user,
     load_bundle,
 )
-from service.feature_store import UserRecord
+from service.feature_store import KeyLayout, UserRecord
+from service.feature_store.redis_store import parse_record
 from service.settings import redacted_url
 
 pytest.register_assert_rewrite("service_fixtures")
@@ -144,9 +145,11 @@ def test_reloads_under_load_answer_every_request_with_a_consistent_pair_and_free
     serving_artifacts: ServingArtifacts, redis_client: redis.Redis, key_prefix: str
 ) -> None:
     a, b = serving_artifacts.a, serving_artifacts.b
-    load_users(redis_client, key_prefix, serving_artifacts)
+    layout = load_users(redis_client, key_prefix, serving_artifacts)
     pairs = {(a.model_version, a.index_version), (b.model_version, b.index_version)}
-    answers: list[dict] = []
+    # One request time for every request, so each answer can be recomputed offline afterwards.
+    now = int(time.time())
+    answers: list[tuple[int, dict]] = []
     failures: list[str] = []
     stop = threading.Event()
 
@@ -157,14 +160,16 @@ def test_reloads_under_load_answer_every_request_with_a_consistent_pair_and_free
                 n += 1
                 user_id = (worker * 37 + n) % 300 + 1 if n % 4 else UNKNOWN_USER + n
                 try:
-                    response = client.post("/recommend", json={"user_id": user_id, "k": 10})
+                    response = client.post(
+                        "/recommend", json={"user_id": user_id, "k": 10, "request_time": now}
+                    )
                 except httpx.HTTPError as error:
                     failures.append(f"{type(error).__name__}: {error}")
                     continue
                 if response.status_code != 200:
                     failures.append(f"{response.status_code}: {response.text}")
                 else:
-                    answers.append(response.json())
+                    answers.append((user_id, response.json()))
 
     with live_server(service_settings(a.directory, key_prefix, admin_token=TOKEN)) as server:
         recommender = server.app.state.coldwarm.recommender
@@ -193,10 +198,45 @@ def test_reloads_under_load_answer_every_request_with_a_consistent_pair_and_free
 
     assert failures == []
     assert len(answers) >= 50, "too little traffic overlapped the reloads to show anything"
-    served_pairs = {(answer["model_version"], answer["index_version"]) for answer in answers}
+    served_pairs = {(answer["model_version"], answer["index_version"]) for _, answer in answers}
     assert served_pairs == pairs
-    assert not any(answer["degraded"] for answer in answers)
-    assert all(len(answer["items"]) == 10 for answer in answers)
+    assert not any(answer["degraded"] for _, answer in answers)
+    assert all(len(answer["items"]) == 10 for _, answer in answers)
+    assert_each_answer_is_its_named_version(answers, now, redis_client, layout, [a.directory, b.directory])
+
+
+def stored_record(client: redis.Redis, layout: KeyLayout, user_id: int) -> UserRecord:
+    """The user's record as the service parses it from Redis."""
+    fields = client.hgetall(layout.user_key(user_id))
+    return parse_record(user_id, fields, client.lrange(layout.actions_key(user_id), 0, -1))
+
+
+def assert_each_answer_is_its_named_version(
+    answers: list[tuple[int, dict]],
+    now: int,
+    client: redis.Redis,
+    layout: KeyLayout,
+    versions: list[Path],
+) -> None:
+    """Every answer's items and scores are what the version it names computes, not only its name:
+    a batch that took the model of one bundle and the index of the other, or an answer labelled
+    with the bundle current when it was sent instead of the one that computed it, fails here."""
+    # IndexSettings() from the environment, as the service builds its own.
+    bundles = {bundle.model_version: bundle for bundle in (load_bundle(v, IndexSettings()) for v in versions)}
+    records = {user_id: stored_record(client, layout, user_id) for user_id in {u for u, _ in answers}}
+    differing = 0
+    for user_id, answer in answers:
+        record = records[user_id]
+        expected = {
+            version: compute(bundle, record, now, 10, set(record.actions))
+            for version, bundle in bundles.items()
+        }
+        named = expected[answer["model_version"]]
+        assert [item["item_id"] for item in answer["items"]] == named.item_ids, (user_id, answer)
+        assert [item["score"] for item in answer["items"]] == pytest.approx(named.scores, abs=1e-5)
+        differing += len({tuple(e.item_ids) for e in expected.values()}) > 1
+    # The check has teeth only where the two versions answer differently.
+    assert differing >= len(answers) // 2
 
 
 # ----- overload ----------------------------------------------------------------------------------------
