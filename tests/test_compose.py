@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from redis_cluster import cluster_tools_missing, free_ports
 
 yaml = pytest.importorskip("yaml")
 
@@ -44,6 +45,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 DOCKERFILE_GPU = ROOT / "docker" / "Dockerfile.gpu"
 TRAINER_SCRIPT = ROOT / "docker" / "trainer.sh"
+CLUSTER_INIT_SCRIPT = ROOT / "docker" / "redis-cluster-init.sh"
 PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus" / "prometheus.yml"
 HAPROXY_CONFIG = ROOT / "docker" / "haproxy" / "haproxy.cfg"
 GRAFANA_DIR = ROOT / "docker" / "grafana"
@@ -52,6 +54,8 @@ COMPOSE_V2_PLUGIN = Path("/usr/local/lib/docker/cli-plugins/docker-compose")
 
 DEFAULT_SERVICES = {"redis", "trainer", "api", "lb", "prometheus", "grafana"}
 GPU_SERVICES = {"trainer-gpu", "api-gpu"}
+CLUSTER_NODES = [f"redis-node-{i}" for i in range(1, 7)]
+CLUSTER_SERVICES = {*CLUSTER_NODES, "redis-cluster-init"}
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 # A tiny model: the offline job takes seconds on two shared cores. One intra-op thread: torch's default
 # (one per core) fights whatever else runs on them, 40x slower here.
@@ -337,11 +341,13 @@ def test_compose_v2_resolves_profiles_and_variables() -> None:
 # ----- structure ------------------------------------------------------------------------------------
 def test_services_and_profiles() -> None:
     declared = services()
-    assert set(declared) == DEFAULT_SERVICES | GPU_SERVICES
+    assert set(declared) == DEFAULT_SERVICES | GPU_SERVICES | CLUSTER_SERVICES
     for name in DEFAULT_SERVICES:
         assert "profiles" not in declared[name], f"{name} must start with a plain `docker compose up`"
     for name in GPU_SERVICES:
         assert declared[name]["profiles"] == ["gpu"]
+    for name in CLUSTER_SERVICES:
+        assert declared[name]["profiles"] == ["cluster"]
     for name, service in declared.items():
         if "build" not in service:  # third-party images: a pinned version tag, never latest
             image = service["image"]
@@ -369,7 +375,8 @@ def test_trainer_service() -> None:
     env = environment(trainer)
     assert interpolate(env["COLDWARM_DATA"], {}) == "synthetic"
     assert interpolate(env["COLDWARM_RETRAIN"], {}) == "0"
-    assert env["COLDWARM_REDIS_URL"] == "redis://redis:6379/0"
+    assert interpolate(env["COLDWARM_REDIS_URL"], {}) == "redis://redis:6379/0"
+    assert interpolate(env["COLDWARM_REDIS_CLUSTER"], {}) == "false"
     for name in TINY_TRAINING:  # passed through from the shell, so a small run needs no compose edit
         assert name in env and env[name] is None, name
     # The entrypoint is docker/trainer.sh, as both images install it.
@@ -496,6 +503,84 @@ def test_named_volumes() -> None:
     assert used == declared, "every named volume declared, every declared one used"
 
 
+# ----- the cluster profile ---------------------------------------------------------------------------
+def cluster_node_command(node: dict[str, Any], variables: dict[str, str]) -> list[str]:
+    """The redis-server argument list a node's `sh -c` runs, with `$(hostname)` as the shell gives it."""
+    shell, flag, script = node["command"]
+    assert (shell, flag) == ("sh", "-c")
+    words = shlex.split(interpolate(script, variables).replace("$(hostname)", node["hostname"]))
+    assert words[:2] == ["exec", "docker-entrypoint.sh"], "the image's entrypoint keeps its user and defaults"
+    return words[2:]
+
+
+def test_cluster_profile_services() -> None:
+    declared = services()
+    init = declared["redis-cluster-init"]
+    for name in CLUSTER_NODES:
+        node = declared[name]
+        assert node["hostname"] == name, "a node announces its service name, which Docker's DNS resolves"
+        command = cluster_node_command(node, {})
+        options = dict(zip(command[1::2], command[2::2], strict=True))
+        assert command[0] == "redis-server"
+        assert options["--cluster-announce-hostname"] == name
+        assert options["--cluster-preferred-endpoint-type"] == "hostname"
+        assert options["--cluster-enabled"] == "yes"
+        assert options["--cluster-node-timeout"] == "5000"
+        assert options["--appendonly"] == "no", "persistence off by default, as for the single Redis"
+        assert healthcheck_command(node) == ["redis-cli", "ping"]
+        assert init["depends_on"][name] == {"condition": "service_healthy"}
+    on = cluster_node_command(declared["redis-node-1"], {"COLDWARM_REDIS_PERSISTENCE": "yes"})
+    assert on[on.index("--appendonly") + 1] == "yes"
+    env = environment(init)
+    assert env["COLDWARM_CLUSTER_NODES"].split() == [f"{name}:6379" for name in CLUSTER_NODES]
+    assert init["restart"] == "no", "a one-shot job"
+    assert volume_mounts(init, {}) == [("./docker/redis-cluster-init.sh", init["entrypoint"][-1], "ro")]
+    # The trainer and the api reach the cluster by the same two settings.
+    for name in ("trainer", "api"):
+        cluster = {"COLDWARM_REDIS_URL": "redis://redis-node-1:6379/0", "COLDWARM_REDIS_CLUSTER": "true"}
+        env = environment(declared[name])
+        assert interpolate(env["COLDWARM_REDIS_URL"], cluster) == cluster["COLDWARM_REDIS_URL"]
+        assert interpolate(env["COLDWARM_REDIS_CLUSTER"], cluster) == "true"
+
+
+def test_cluster_profile_forms_a_cluster_on_loopback(tmp_path: Path) -> None:
+    """The nodes' own redis-server options and the init script, run without Docker: six nodes on
+    loopback ports (named localhost, as the compose nodes are named by their service), formed once,
+    and a second run leaves the formed cluster alone."""
+    missing = cluster_tools_missing()
+    if missing:
+        pytest.skip(missing)
+    ports = free_ports(6)
+    processes = []
+    try:
+        for port in ports:
+            node = {**services()["redis-node-1"], "hostname": "localhost"}
+            options = cluster_node_command(node, {})
+            (tmp_path / str(port)).mkdir()
+            loopback = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path / str(port))]
+            processes.append(subprocess.Popen([*options, *loopback], stdout=subprocess.DEVNULL))
+        env = {
+            **os.environ,
+            "COLDWARM_CLUSTER_NODES": " ".join(f"localhost:{port}" for port in ports),
+            "COLDWARM_CLUSTER_WAIT_S": "30",
+        }
+        init = ["sh", str(CLUSTER_INIT_SCRIPT)]
+        first = subprocess.run(init, env=env, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "cluster ok" in first.stderr
+        roles = [redis.Redis(port=port).execute_command("ROLE")[0] for port in ports]
+        assert sorted(roles) == [b"master"] * 3 + [b"slave"] * 3
+        slots = redis.Redis(port=ports[0]).execute_command("CLUSTER SLOTS")
+        assert {node[0] for slot in slots for node in slot[2:]} == {b"localhost"}, "hostnames, not addresses"
+        again = subprocess.run(init, env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "already formed" in again.stderr
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=10)
+
+
 # ----- Dockerfiles ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", [DOCKERFILE, DOCKERFILE_GPU], ids=["cpu", "gpu"])
 def test_hadolint(path: Path) -> None:
@@ -599,9 +684,10 @@ def test_dockerignore_keeps_the_context_small_and_complete() -> None:
                     assert not ignored(source), f"{path.name} copies {source}, which .dockerignore drops"
 
 
-@pytest.mark.parametrize(
-    "script", [TRAINER_SCRIPT, ROOT / ".ci" / "install-system-deps"], ids=lambda p: p.name
-)
+SHELL_SCRIPTS = [TRAINER_SCRIPT, CLUSTER_INIT_SCRIPT, ROOT / ".ci" / "install-system-deps"]
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck(script: Path) -> None:
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
