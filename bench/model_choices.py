@@ -55,6 +55,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "DKD on cold-start samples": ({"use_dkd": True, "dkd_scope": "cold_start"}, {}),
     "early stopping on all users' NDCG@50": ({}, {"validation_group": "all", "validation_metric": "ndcg@50"}),
     "early stopping on all users' NDCG@50, up to 16 epochs": ({}, LONGER_TRAINING),
+    "warm expert: SASRec's encoder + profile, up to 16 epochs": (
+        {"warm_expert": "sequence"},
+        LONGER_TRAINING,
+    ),
 }
 # Baselines measured beside the variants on the same validation users, trained with their own recipe
 # (model/experiments.py), so a variant is judged against what it must beat, not only against itself.

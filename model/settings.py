@@ -76,6 +76,13 @@ class ModelConfig(BaseModel):
         description="the warm expert's output also adds the pooling's newest reading of the history "
         "directly (a residual past its MLPs), so the sequence signal reaches e_warm as SASRec's does",
     )
+    warm_expert: Literal["mlp", "sequence"] = Field(
+        "mlp",
+        description="mlp: the paper's warm expert, MLPs over the profile and the pooled history, with "
+        "group attention; sequence: SASRec's encoder is the warm expert (sasrec_blocks causal "
+        "self-attention blocks over the history, its newest output is e_warm) plus an additive "
+        "profile term, so that for users with a history the gate can weigh a SASRec-strength reading",
+    )
     dkd_scope: Literal["all", "cold_start"] = Field(
         "all", description="samples DKD may distil: every sample, or only those with a cold-start history"
     )

@@ -4,7 +4,6 @@ losses and candidates, mutual-information selection, and the score of the whole 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +23,13 @@ from model.nn.cold_warm_net import (
 )
 from model.nn.gate import StateGate
 from model.nn.group_attention import GroupAttention
-from model.samples import TrainingSamples, UserSequences, build_training_samples, history_balance_weights
+from model.samples import (
+    TrainingSamples,
+    UserSequences,
+    build_training_samples,
+    history_lengths,
+    length_balance_weights,
+)
 from model.settings import FeatureConfig, ModelConfig, TrainConfig
 from model.train import item_log_frequencies, training_step, user_bias_candidates
 
@@ -425,11 +430,10 @@ def test_distillation_moves_only_the_cold_expert(world) -> None:
 
 def test_history_balance_weights_give_each_history_length_its_share() -> None:
     # Histories of lengths 0, 1, 1, 2, 2, 2 (0 = padding).
-    history = torch.tensor([[0, 0], [5, 0], [6, 0], [5, 6], [6, 7], [7, 8]])
-    samples = SimpleNamespace(history=history)
-    alike = history_balance_weights(samples, 0.0)
+    lengths = history_lengths(torch.tensor([[0, 0], [5, 0], [6, 0], [5, 6], [6, 7], [7, 8]]))
+    alike = length_balance_weights(lengths, 0.0)
     torch.testing.assert_close(alike, torch.ones(6))
-    balanced = history_balance_weights(samples, 1.0)
+    balanced = length_balance_weights(lengths, 1.0)
     assert float(balanced.mean()) == pytest.approx(1.0)
     totals = [float(balanced[rows].sum()) for rows in ([0], [1, 2], [3, 4, 5])]
     assert totals == pytest.approx([2.0, 2.0, 2.0])  # every length the same total weight
@@ -447,6 +451,27 @@ def test_the_warm_action_skip_adds_the_newest_reading_past_the_mlps() -> None:
     profile, actions = torch.randn(3, profile_dim), torch.randn(3, 2 * dim)
     # The last d action features are the pooling's newest reading (attention output / recent mean).
     torch.testing.assert_close(skipping(profile, actions), plain(profile, actions) + actions[:, dim:])
+
+
+def test_the_sequence_warm_expert_is_sasrecs_reading_plus_a_profile_term() -> None:
+    from model.nn.experts import NewestReading, SequenceWarmExpert
+    from model.nn.sequence import SequenceEncoder
+
+    torch.manual_seed(0)
+    dim, hidden, length = 8, 16, 5
+    reading = NewestReading(dim, hidden, length, 2, 1, 0.0).eval()
+    history = torch.tensor([[3, 2, 1, 0, 0], [0, 0, 0, 0, 0]])  # newest first, 0 = padding
+    embedded = torch.randn(2, length, dim)
+    out = reading(embedded, history)
+    # The first user's reading is the encoder over their 3 items, oldest → newest; the second, who has
+    # no history, gets the learnt empty-history vector.
+    encoder: SequenceEncoder = reading.encoder
+    expected = encoder(embedded[:1, :3].flip(1), torch.ones(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(out[:1], expected)
+    torch.testing.assert_close(out[1], reading.empty_history.detach())
+    expert = SequenceWarmExpert(6, dim, hidden)
+    profile = torch.randn(2, 6)
+    torch.testing.assert_close(expert(profile, out), out + expert.profile(profile))
 
 
 def test_training_runs_where_the_settings_say() -> None:

@@ -11,7 +11,14 @@ from torch.nn import functional as F
 
 from model.features import PROFILE_COLUMNS, STATE_COLUMNS, FeatureEncoder
 from model.nn.bias_net import SideBias
-from model.nn.experts import ActionPooling, AttentionPooling, ColdExpert, WarmExpert
+from model.nn.experts import (
+    ActionPooling,
+    AttentionPooling,
+    ColdExpert,
+    NewestReading,
+    SequenceWarmExpert,
+    WarmExpert,
+)
 from model.nn.gate import StateGate
 from model.nn.group_attention import GroupAttention
 from model.nn.items import ItemInputEmbedding, ItemSideInputs, ItemTower, TowerItemInputs, item_tower_for
@@ -44,7 +51,17 @@ def history_item_inputs(
 
 
 def action_pooling(max_history: int, config: ModelConfig) -> nn.Module:
-    """(B, L, d) history embeddings → (B, 2d) action features, as ``config.warm_pooling`` says."""
+    """(B, L, d) history embeddings → action features: (B, d) for the sequence warm expert, else (B, 2d)
+    as ``config.warm_pooling`` says."""
+    if config.warm_expert == "sequence":
+        return NewestReading(
+            config.embedding_dim,
+            config.hidden_dim,
+            max_history,
+            config.sasrec_blocks,
+            config.sasrec_heads,
+            config.sasrec_dropout,
+        )
     if config.warm_pooling == "attention":
         return AttentionPooling(
             config.embedding_dim,
@@ -54,6 +71,16 @@ def action_pooling(max_history: int, config: ModelConfig) -> nn.Module:
             config.warm_attention_dropout,
         )
     return ActionPooling(max_history)
+
+
+def warm_expert(user_dim: int, attention: GroupAttention, config: ModelConfig) -> nn.Module:
+    """(profile features, action features) → e_warm, as ``config.warm_expert`` says."""
+    dim, hidden = config.embedding_dim, config.hidden_dim
+    if config.warm_expert == "sequence":
+        return SequenceWarmExpert(user_dim, dim, hidden)
+    return WarmExpert(
+        user_dim, 2 * dim, dim, hidden, attention, config.use_group_attention, config.warm_action_skip
+    )
 
 
 class UserTower(nn.Module):
@@ -79,15 +106,7 @@ class UserTower(nn.Module):
         self.pooling = action_pooling(encoder.config.max_history, config)
         self.attention = GroupAttention(config.n_user_groups, dim)
         self.cold = ColdExpert(user_dim, dim, hidden, self.attention, config.use_group_attention)
-        self.warm = WarmExpert(
-            user_dim,
-            2 * dim,
-            dim,
-            hidden,
-            self.attention,
-            config.use_group_attention,
-            config.warm_action_skip,
-        )
+        self.warm = warm_expert(user_dim, self.attention, config)
         self.gate = StateGate(
             encoder.state_cardinalities(), feature, hidden, config.use_cold_expert, config.use_warm_expert
         )

@@ -4,6 +4,9 @@ Cold expert: e_up = f(profile); e_cold = MLP([e_up ; attention(e_up)]).
 Warm expert: e_ut = f(profile, actions); e_warm = MLP([e_ut ; attention(e_ut)]).
 With group attention switched off the attention part is zeros, keeping the shapes (ablation).
 
+With ``ModelConfig.warm_expert="sequence"`` the warm expert is instead ``SequenceWarmExpert``: SASRec's
+encoder over the history is e_warm itself, plus a profile term.
+
 The actions are read by one of two poolings (``ModelConfig.warm_pooling``): ``ActionPooling``, the
 mean and a learnt recency-weighted mean of the history embeddings, or ``AttentionPooling``, the mean
 and the newest position's output of causal self-attention over the history (README "Model and
@@ -105,3 +108,35 @@ class WarmExpert(nn.Module):
             # recency-weighted mean): added past the MLPs, they are not squeezed through the profile's trunk.
             e_warm = e_warm + action_features[:, -self.dim :]
         return e_warm
+
+
+class NewestReading(nn.Module):
+    """The newest position's output of causal self-attention blocks over the history, alone: the
+    reading SASRec scores with. A user without history gets a learnt "empty history" vector."""
+
+    def __init__(
+        self, dim: int, hidden_dim: int, max_history: int, n_blocks: int, n_heads: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.encoder = SequenceEncoder(dim, hidden_dim, max_history, n_blocks, n_heads, dropout)
+        self.empty_history = nn.Parameter(torch.randn(dim) * 0.05)
+
+    def forward(self, embedded: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        sequence = oldest_first(history)
+        valid = sequence > 0
+        inputs = embedded.flip(1)[:, embedded.shape[1] - sequence.shape[1] :]
+        newest = self.encoder(inputs, valid)
+        has_history = valid[:, -1:]
+        return torch.where(has_history, newest, self.empty_history.unsqueeze(0).expand_as(newest))
+
+
+class SequenceWarmExpert(nn.Module):
+    """e_warm = the history's newest reading (``NewestReading``) + MLP(profile): the sequence signal
+    reaches e_u directly, as in SASRec, and the profile adds what the history does not say."""
+
+    def __init__(self, profile_dim: int, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.profile = mlp(profile_dim, hidden_dim, dim)
+
+    def forward(self, profile_features: torch.Tensor, action_features: torch.Tensor) -> torch.Tensor:
+        return action_features + self.profile(profile_features)
