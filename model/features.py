@@ -129,15 +129,16 @@ class FeatureEncoder:
     @classmethod
     def fit(cls, data: InteractionData, train_user_ids: np.ndarray, config: FeatureConfig) -> FeatureEncoder:
         """Vocabularies and popularity from train users only; the catalog is every known item."""
-        train = data.interactions[data.interactions["user_id"].isin(train_user_ids)]
+        # Only the item column of the train rows: a copy of whole rows would be the largest object here.
+        train_item_ids = data.interactions.loc[data.interactions["user_id"].isin(train_user_ids), "item_id"]
         users = data.users[data.users["user_id"].isin(train_user_ids)]
         catalog = data.catalog_item_ids()
         items = data.items.set_index("item_id").reindex(catalog)
         genres = items["genres"].fillna("").astype(str).to_list()
         years = items["year"].astype("Int64").fillna(-1).to_numpy(np.int64)
-        counts = train["item_id"].value_counts()
+        counts = train_item_ids.value_counts()
         popularity = counts.reindex(catalog).fillna(0).to_numpy(np.int64)
-        train_items = np.unique(train["item_id"].to_numpy(np.int64))
+        train_items = np.unique(train_item_ids.to_numpy(np.int64))
         vocabularies = {
             "gender": Vocabulary.fit(users["gender"]),
             "age": Vocabulary.fit(users["age"]),
@@ -159,7 +160,8 @@ class FeatureEncoder:
         there at serving (a return after a longer gap than any seen, more actions than any train user)
         would get an arbitrary gate. ``state_codes`` are the encoded training samples' state columns.
         """
-        state_codes = np.asarray(state_codes, dtype=np.int64)
+        # Any integer dtype: training keeps its samples' codes in the smallest one (model/samples.py).
+        state_codes = np.asarray(state_codes)
         # Fitting again on codes this map produced gives the same map: buckets it moves end at 0.
         self.state_buckets = [
             nearest_trained_bucket(
@@ -178,9 +180,14 @@ class FeatureEncoder:
         }
 
     def serve_state_buckets(self, state_codes: np.ndarray) -> np.ndarray:
-        """Encoded state columns with each bucket replaced by the one served in its place."""
-        state_codes = np.asarray(state_codes, dtype=np.int64)
-        return np.stack([served[state_codes[:, c]] for c, served in enumerate(self.state_buckets)], axis=1)
+        """Encoded state columns with each bucket replaced by the one served in its place, in the
+        codes' own integer dtype (a list gives int64), one column at a time: training remaps millions of
+        samples' codes, and an int64 copy of all of them would outweigh the codes."""
+        state_codes = np.asarray(state_codes)
+        served_codes = np.empty_like(state_codes)
+        for column, served in enumerate(self.state_buckets):
+            served_codes[:, column] = served[state_codes[:, column]]
+        return served_codes
 
     # ----- users -------------------------------------------------------------------------------
     def encode_users(self, raw: RawUsers) -> EncodedUsers:
@@ -210,20 +217,27 @@ class FeatureEncoder:
         Unknown items are dropped and the rest shifted left, so position 0 is always the newest known item.
         """
         history = np.asarray(history, dtype=np.int64).reshape(len(history), -1)[:, : self.config.max_history]
-        positions = np.searchsorted(self.catalog_item_ids, history)
-        positions = np.minimum(positions, len(self.catalog_item_ids) - 1)
-        known = (
-            (history >= 0) & (self.catalog_item_ids[positions] == history)
-            if len(self.catalog_item_ids)
-            else (np.zeros_like(history, dtype=bool))
-        )
-        codes = np.where(known, positions + 1, MISSING)
+        codes = self.history_codes(history)
+        known = codes != MISSING
         # Stable sort on "is padding" compacts known entries to the left, keeping their order.
         order = np.argsort(~known, axis=1, kind="stable")
         codes = np.take_along_axis(codes, order, axis=1)
         out = np.zeros((len(history), self.config.max_history), dtype=np.int64)
         out[:, : codes.shape[1]] = codes
         return out
+
+    def history_codes(self, item_ids: np.ndarray) -> np.ndarray:
+        """The history code of each raw item id (any shape): catalog position + 1, MISSING (0) for
+        padding (negative ids) or an item outside the catalog. Training gathers its histories from
+        these codes (model/samples.py), so this is the one definition of what a history entry means."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        if not len(self.catalog_item_ids):
+            return np.full(item_ids.shape, MISSING, dtype=np.int64)
+        positions = np.minimum(
+            np.searchsorted(self.catalog_item_ids, item_ids), len(self.catalog_item_ids) - 1
+        )
+        known = (item_ids >= 0) & (self.catalog_item_ids[positions] == item_ids)
+        return np.where(known, positions + 1, MISSING)
 
     def encode_state(self, raw: RawUsers) -> np.ndarray:
         count = np.asarray(raw.interaction_count, dtype=np.int64)

@@ -47,7 +47,8 @@ def behaviour_sample(
     negatives = starts[users] + rng.integers(0, counts[users])
     negative_items = rng.integers(0, item_candidates.shape[0], size=len(positives))
     rows = np.concatenate([positives, negatives])
-    user_codes = torch.cat([samples.profile[rows], samples.state[rows]], dim=1).numpy()
+    index = torch.as_tensor(rows)
+    user_codes = torch.cat([samples.profiles(index), samples.state[index].long()], dim=1).numpy()
     items = np.concatenate([samples.target[positives].numpy(), negative_items])
     labels = np.concatenate([np.ones(len(positives)), np.zeros(len(positives))]).astype(np.int64)
     return user_codes, item_candidates[items].numpy(), labels

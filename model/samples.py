@@ -1,5 +1,7 @@
 """Prefix training samples: for user u and position t, history = items before t, target = item t,
-state as of the sample's request time. Encoded once, through the same FeatureEncoder the service uses.
+state as of the sample's request time. Encoded once, through the same FeatureEncoder the service uses;
+a sample's history is gathered from its user's encoded sequence when its batch is built
+(``TrainingSamples``), so memory grows with the interactions, not with samples x max_history.
 
 The request time of most samples is item t's own timestamp, as in the evaluation protocol; there,
 the previous action was mostly seconds earlier. A feed request instead usually opens a session after a
@@ -16,7 +18,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.features import SECONDS_PER_DAY, EncodedUsers, FeatureEncoder, RawUsers, profile_arrays
+from model.features import (
+    MISSING,
+    SECONDS_PER_DAY,
+    STATE_COLUMNS,
+    FeatureEncoder,
+    RawUsers,
+    profile_arrays,
+)
 from model.settings import TrainConfig
 
 
@@ -31,10 +40,15 @@ class UserSequences:
 
     @classmethod
     def from_interactions(cls, interactions: pd.DataFrame, user_ids: np.ndarray) -> UserSequences:
-        rows = interactions[interactions["user_id"].isin(user_ids)]  # already (user, time, item) sorted
-        users, counts = np.unique(rows["user_id"].to_numpy(np.int64), return_counts=True)
+        # Column by column, not a copy of the selected rows: only these three columns are kept.
+        selected = interactions["user_id"].isin(user_ids).to_numpy()  # rows are (user, time, item) sorted
+
+        def column(name: str) -> np.ndarray:
+            return interactions[name].to_numpy(np.int64)[selected]
+
+        users, counts = np.unique(column("user_id"), return_counts=True)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return cls(users, offsets, rows["item_id"].to_numpy(np.int64), rows["timestamp"].to_numpy(np.int64))
+        return cls(users, offsets, column("item_id"), column("timestamp"))
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
@@ -84,43 +98,90 @@ def session_start_times(
     return now
 
 
-def raw_prefixes(
-    sequences: UserSequences,
-    profiles: dict[str, np.ndarray],
-    user_rows: np.ndarray,
-    positions: np.ndarray,
-    max_history: int,
-    now: np.ndarray,
+def prefix_states(
+    sequences: UserSequences, user_rows: np.ndarray, positions: np.ndarray, now: np.ndarray
 ) -> RawUsers:
     """Users ``user_rows`` as of their ``positions``-th interaction (that interaction not included),
-    asked at ``now``."""
+    asked at ``now``: their counts and times only, all that ``FeatureEncoder.encode_state`` reads
+    (profiles are encoded per user, histories gathered per batch: ``TrainingSamples``)."""
     base = sequences.offsets[user_rows]
-    back = np.arange(max_history)[None, :]
-    flat = base[:, None] + positions[:, None] - 1 - back
-    valid = back < positions[:, None]
-    history = np.where(valid, sequences.items[np.clip(flat, 0, len(sequences.items) - 1)], -1)
     seen = positions > 0
     first = np.where(seen, sequences.timestamps[base], 0)
     last = np.where(seen, sequences.timestamps[np.maximum(base + positions - 1, 0)], 0)
-    user_profiles = {field: values[user_rows] for field, values in profiles.items()}
-    return RawUsers(user_profiles, history, positions.astype(np.int64), first, last, now)
+    no_history = np.zeros((len(user_rows), 0), dtype=np.int64)
+    return RawUsers({}, no_history, positions.astype(np.int64), first, last, now)
 
 
 @dataclass
 class TrainingSamples:
-    """Encoded user inputs and the catalog position of each sample's target item."""
+    """Prefix samples: sample i is user row ``user_row[i]`` before their ``position[i]``-th interaction,
+    in state ``state[i]``, and its target is that interaction's item (catalog position ``target[i]``).
 
-    profile: torch.Tensor
-    history: torch.Tensor
-    state: torch.Tensor
-    target: torch.Tensor
-    user_row: np.ndarray
+    What a sample's history is (the user's ``max_history`` items before ``position``, newest first, as
+    history codes) is not stored per sample but gathered when a batch is built: the users' whole
+    sequences are kept once as codes (``sequence_codes``, int32, with per-user-row
+    ``sequence_offsets``), and ``histories`` reads each sample's window from them. A stored
+    (samples x max_history) matrix costs 4 * max_history bytes per sample, several times everything
+    else; this way a sample costs 23 bytes, plus 4 per interaction of the users' sequences.
+    Profiles are per user, not per sample, for the same reason.
+    """
+
+    user_profile: torch.Tensor  # (users, len(PROFILE_COLUMNS)) int64, by user row
+    sequence_codes: torch.Tensor  # (interactions,) int32: FeatureEncoder.history_codes of each item
+    sequence_offsets: torch.Tensor  # (users + 1,) int64: user row r's codes are [offsets[r], offsets[r+1])
+    user_row: np.ndarray  # (samples,) int64
+    position: torch.Tensor  # (samples,) int32
+    state: torch.Tensor  # (samples, len(STATE_COLUMNS)), the smallest integer dtype that holds the codes
+    target: torch.Tensor  # (samples,) int64
+    max_history: int
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (self.profile[index], self.history[index].long(), self.state[index], self.target[index])
+        """(profile, history, state, target) of samples ``index``, int64 as the model takes them."""
+        return (self.profiles(index), self.histories(index), self.state[index].long(), self.target[index])
+
+    def profiles(self, index: torch.Tensor) -> torch.Tensor:
+        return self.user_profile[torch.from_numpy(self.user_row)[index]]
+
+    def histories(self, index: torch.Tensor) -> torch.Tensor:
+        """(len(index), max_history) int64: what ``FeatureEncoder.encode_history`` makes of each
+        sample's raw prefix (newest first; items outside the catalog dropped and the rest moved left;
+        0-padded)."""
+        rows = torch.from_numpy(self.user_row)[index]
+        position = self.position[index].long()
+        back = torch.arange(self.max_history)
+        newest = self.sequence_offsets[rows] + position - 1
+        flat = (newest[:, None] - back[None, :]).clamp_(min=0)
+        codes = torch.where(back[None, :] < position[:, None], self.sequence_codes[flat], MISSING)
+        padding = codes == MISSING
+        # Only an item outside the catalog leaves a hole before the end of a row; training data from the
+        # encoder's own catalog has none, so the sort is mostly skipped.
+        if (padding[:, :-1] & ~padding[:, 1:]).any():
+            order = torch.sort(padding.to(torch.uint8), dim=1, stable=True).indices
+            codes = codes.gather(1, order)
+        return codes.long()
+
+    def history_lengths(self) -> torch.Tensor:
+        """Each sample's number of known history items (``history_lengths`` of its gathered history),
+        counted from the codes without gathering."""
+        known = torch.zeros(len(self.sequence_codes) + 1, dtype=torch.long)
+        torch.cumsum(self.sequence_codes != MISSING, dim=0, out=known[1:])
+        position = self.position.long()
+        end = self.sequence_offsets[torch.from_numpy(self.user_row)] + position
+        return known[end] - known[end - position.clamp(max=self.max_history)]
+
+    @property
+    def profile(self) -> torch.Tensor:
+        """Every sample's profile, (samples, 4): a copy per sample, for inspection; batches use ``batch``."""
+        return self.profiles(torch.arange(len(self)))
+
+    @property
+    def history(self) -> torch.Tensor:
+        """Every sample's history, (samples, max_history) int64: the matrix the samples do not store,
+        for inspection and small data; training gathers it per batch (``batch``)."""
+        return self.histories(torch.arange(len(self)))
 
 
 def history_lengths(history: torch.Tensor) -> torch.Tensor:
@@ -132,7 +193,11 @@ def history_balance_weights(samples: TrainingSamples, balance: float) -> torch.T
     """Per-sample loss weights (mean 1): (share of samples with the same capped history length) ^
     -balance. Prefix samples are mostly long histories, so without it the first few actions, where
     a new user is judged, are a few percent of the loss."""
-    lengths = history_lengths(samples.history)
+    return length_balance_weights(samples.history_lengths(), balance)
+
+
+def length_balance_weights(lengths: torch.Tensor, balance: float) -> torch.Tensor:
+    """``history_balance_weights`` for given history lengths."""
     counts = torch.bincount(lengths).double()
     weights = (counts[lengths] / len(lengths)).pow(-balance)
     return (weights / weights.mean()).float()
@@ -145,33 +210,40 @@ def build_training_samples(
     config: TrainConfig | None = None,
     chunk_size: int = 65_536,
 ) -> TrainingSamples:
-    """Every prefix of every sequence, at the request times of ``session_start_times`` (seeded by
-    ``config.seed``); ``config`` None asks every sample at its target's time."""
+    """Every prefix of every sequence whose target is in the catalog, at the request times of
+    ``session_start_times`` (seeded by ``config.seed``); ``config`` None asks every sample at its
+    target's time. States are encoded ``chunk_size`` samples at a time, bounding the float64
+    intermediates of ``encode_state``."""
     lengths = sequences.lengths()
-    user_rows = np.repeat(np.arange(len(lengths)), lengths)
+    user_rows = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
     positions = np.arange(len(user_rows)) - sequences.offsets[user_rows]
     targets = encoder.catalog_positions(sequences.items)
     keep = targets >= 0
     user_rows, positions, targets = user_rows[keep], positions[keep], targets[keep]
+    del keep
     config = config or TrainConfig(session_start_share=0.0)
     now = session_start_times(sequences, user_rows, positions, config, np.random.default_rng(config.seed))
-    profiles = profile_arrays(data_users, sequences.user_ids)
-    parts: list[EncodedUsers] = []
+    state = np.empty((len(user_rows), len(STATE_COLUMNS)), dtype=state_dtype(encoder))
     for start in range(0, len(user_rows), chunk_size):
         chunk = slice(start, start + chunk_size)
-        raw = raw_prefixes(
-            sequences, profiles, user_rows[chunk], positions[chunk], encoder.config.max_history, now[chunk]
+        state[chunk] = encoder.encode_state(
+            prefix_states(sequences, user_rows[chunk], positions[chunk], now[chunk])
         )
-        parts.append(encoder.encode_users(raw))
-    history = (
-        np.concatenate([p.history for p in parts]) if parts else np.zeros((0, encoder.config.max_history))
-    )
+    del now
+    profiles = profile_arrays(data_users, sequences.user_ids)
     return TrainingSamples(
-        profile=torch.as_tensor(
-            np.concatenate([p.profile for p in parts]) if parts else np.zeros((0, 4))
-        ).long(),
-        history=torch.as_tensor(history.astype(np.int32)),
-        state=torch.as_tensor(np.concatenate([p.state for p in parts]) if parts else np.zeros((0, 3))).long(),
-        target=torch.as_tensor(targets, dtype=torch.long),
+        user_profile=torch.as_tensor(encoder.encode_profiles(profiles, len(sequences.user_ids))),
+        sequence_codes=torch.as_tensor(encoder.history_codes(sequences.items).astype(np.int32)),
+        sequence_offsets=torch.as_tensor(sequences.offsets, dtype=torch.long),
         user_row=user_rows,
+        position=torch.as_tensor(positions.astype(np.int32)),
+        state=torch.as_tensor(state),
+        target=torch.as_tensor(targets, dtype=torch.long),
+        max_history=encoder.config.max_history,
     )
+
+
+def state_dtype(encoder: FeatureEncoder) -> np.dtype:
+    """The smallest signed integer dtype (torch has no unsigned 16 or 32) that holds every state code."""
+    largest = max(encoder.state_cardinalities()) - 1
+    return next(np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64) if largest <= np.iinfo(t).max)

@@ -169,7 +169,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COLDWARM_", env_nested_delimiter="__", extra="ignore")
 
     data: str = Field(
-        "synthetic", description="synthetic[:N_USERS], a MovieLens-1M directory or an interactions file"
+        "synthetic",
+        description="synthetic[:N_USERS], a MovieLens-1M directory, a directory of Parquet interactions "
+        "files or an interactions file",
     )
     artifacts_dir: Path = Path("artifacts")
     cache_dir: Path = Path("cache")

@@ -29,6 +29,7 @@ from model.data.schema import (
 CSV_SUFFIXES = (".csv",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
 INTERACTION_REQUIRED = ("user_id", "item_id", "timestamp")
+INTERACTION_OPTIONAL = ("rating",)
 ITEM_OPTIONAL = ("title", "genres", "year")
 _INT64_LIMIT = 2.0**63
 _EPOCH = pd.Timestamp(0, tz="UTC")
@@ -43,18 +44,36 @@ def load_generic(
 ) -> InteractionData:
     """Loads interactions (user_id, item_id, timestamp[, rating]) plus optional user and item tables."""
     interactions = Path(interactions)
-    frame = _load_interactions(_Table.read(interactions, INTERACTION_REQUIRED, ("rating",), text=()))
-    user_frame = (
-        _load_users(_Table.read(Path(users), ("user_id",), PROFILE_FIELDS, text=PROFILE_FIELDS))
-        if users
-        else None
-    )
-    item_frame = (
-        _load_items(_Table.read(Path(items), ("item_id",), ITEM_OPTIONAL, text=("title", "genres")))
-        if items
-        else None
-    )
+    frame = _load_interactions(_Table.read(interactions, INTERACTION_REQUIRED, INTERACTION_OPTIONAL, text=()))
+    user_frame = read_users(Path(users)) if users else None
+    item_frame = read_items(Path(items)) if items else None
     return make_interaction_data(frame, user_frame, item_frame, name or interactions.stem)
+
+
+def read_users(path: Path) -> pd.DataFrame:
+    """A user table (user_id and any PROFILE_FIELDS), CSV or Parquet, validated."""
+    return _load_users(_Table.read(path, ("user_id",), PROFILE_FIELDS, text=PROFILE_FIELDS))
+
+
+def read_items(path: Path) -> pd.DataFrame:
+    """An item table (item_id and any of title, genres, year), CSV or Parquet, validated."""
+    return _load_items(_Table.read(path, ("item_id",), ITEM_OPTIONAL, text=("title", "genres")))
+
+
+def read_interaction_rows(path: Path, frame: pd.DataFrame, first_row: int) -> pd.DataFrame:
+    """Interaction columns (int64 ids and timestamps, float64 rating when present) of ``frame``, rows
+    ``first_row``.. (0-based) of Parquet file ``path``, validated as a whole file is: an error names
+    the row of the file."""
+    return _load_interactions(_Table(path, frame, is_csv=False, first_row=first_row))
+
+
+def require_columns(path: Path, columns: Iterable[str], required: Iterable[str]) -> None:
+    """Raises for the first of ``required`` missing from ``columns``, the columns read from ``path``."""
+    columns = [str(name) for name in columns]
+    for column in required:
+        if column not in columns:
+            found = ", ".join(columns) or "none"
+            raise DataFormatError(path, f"missing required column {column!r} (columns read: {found})")
 
 
 def _load_interactions(table: _Table) -> pd.DataFrame:
@@ -92,11 +111,14 @@ def _load_items(table: _Table) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class _Table:
-    """One input file's wanted columns, plus how to turn a row position into a place in the file."""
+    """One input file's wanted columns, plus how to turn a row position into a place in the file.
+
+    ``frame`` may be a part of a Parquet file, starting at its 0-based row ``first_row``."""
 
     path: Path
     frame: pd.DataFrame
     is_csv: bool
+    first_row: int = 0
 
     @classmethod
     def read(
@@ -113,16 +135,13 @@ class _Table:
             frame = _read_parquet(path, wanted)
         else:
             raise DataFormatError(path, f"unsupported file type {suffix!r}; expected .csv, .parquet or .pq")
-        for column in required:
-            if column not in frame:
-                found = ", ".join(map(str, frame.columns)) or "none"
-                raise DataFormatError(path, f"missing required column {column!r} (columns read: {found})")
+        require_columns(path, frame.columns, required)
         return cls(path, frame, suffix in CSV_SUFFIXES)
 
     def error(self, position: int, message: str) -> DataFormatError:
         if self.is_csv:
             return DataFormatError(self.path, message, _csv_line_of_record(self.path, position))
-        return DataFormatError(self.path, f"{message} (Parquet row, 1-based)", position + 1)
+        return DataFormatError(self.path, f"{message} (Parquet row, 1-based)", self.first_row + position + 1)
 
     def fail_at_first(self, bad: np.ndarray, column: str, describe: Callable[[object], str]) -> None:
         """Raises for the first True in ``bad``; a no-op when there is none."""

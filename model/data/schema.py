@@ -53,18 +53,40 @@ class InteractionData:
 
 
 def normalise_interactions(frame: pd.DataFrame) -> pd.DataFrame:
-    """Casts to the schema's dtypes and the (user, timestamp, item) order the protocol relies on."""
-    out = pd.DataFrame(
-        {
-            "user_id": frame["user_id"].astype(np.int64),
-            "item_id": frame["item_id"].astype(np.int64),
-            "timestamp": frame["timestamp"].astype(np.int64),
-            "rating": (frame["rating"] if "rating" in frame else pd.Series(np.nan, index=frame.index)).astype(
-                np.float32
-            ),
-        }
+    """Casts to the schema's dtypes and the (user, timestamp, item) order the protocol relies on.
+
+    Ties keep their input order (a stable sort). At tens of millions of rows memory decides: rows
+    already in order are not sorted, and otherwise one ``np.lexsort`` orders them and the columns are
+    reordered one at a time; pandas' multi-column ``sort_values`` needs several times the table."""
+    columns = {
+        name: frame[name].astype(dtype).reset_index(drop=True)
+        for name, dtype in (("user_id", np.int64), ("item_id", np.int64), ("timestamp", np.int64))
+    }
+    columns["rating"] = (
+        frame["rating"].astype(np.float32).reset_index(drop=True)
+        if "rating" in frame
+        else pd.Series(np.full(len(frame), np.nan, dtype=np.float32))
     )
-    return out.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
+    keys = [columns[name].to_numpy() for name in ("item_id", "timestamp", "user_id")]  # last = primary
+    if not _in_interaction_order(*keys[::-1]):
+        order = np.lexsort(keys)
+        del keys
+        for name, column in columns.items():
+            columns[name] = pd.Series(column.to_numpy()[order])
+    return pd.DataFrame(columns, copy=False)
+
+
+def _in_interaction_order(user: np.ndarray, timestamp: np.ndarray, item: np.ndarray) -> bool:
+    """Whether the rows are sorted by (user, timestamp, item)."""
+    step = np.diff(user)
+    if (step < 0).any():
+        return False
+    tied = step == 0
+    step = np.diff(timestamp)
+    if (tied & (step < 0)).any():
+        return False
+    tied &= step == 0
+    return not (tied & (np.diff(item) < 0)).any()
 
 
 def normalise_users(frame: pd.DataFrame | None, user_ids: np.ndarray) -> pd.DataFrame:
