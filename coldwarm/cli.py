@@ -67,12 +67,16 @@ QUICK_MODELS = (PRIMARY_MODEL, "most_popular", "segment_popular", "ease")
 DataOption = Annotated[
     str | None,
     typer.Option(
-        help="synthetic[:N_USERS], a MovieLens-1M directory, or a CSV/"
-        "Parquet interactions file [env COLDWARM_DATA]"
+        help="synthetic[:N_USERS], a MovieLens-1M directory, a directory of Parquet interactions files, "
+        "or a CSV/Parquet interactions file [env COLDWARM_DATA]"
     ),
 ]
-UsersOption = Annotated[Path | None, typer.Option(help="user table for a CSV/Parquet interactions file")]
-ItemsOption = Annotated[Path | None, typer.Option(help="item table for a CSV/Parquet interactions file")]
+UsersOption = Annotated[
+    Path | None, typer.Option(help="user table for a CSV/Parquet interactions file or Parquet directory")
+]
+ItemsOption = Annotated[
+    Path | None, typer.Option(help="item table for a CSV/Parquet interactions file or Parquet directory")
+]
 RunDirOption = Annotated[Path, typer.Option(help="where train writes its checkpoint, evaluate its report")]
 EpochsOption = Annotated[int | None, typer.Option(help="training epochs [env COLDWARM_TRAIN__EPOCHS]")]
 ModelsOption = Annotated[str, typer.Option(help=f"comma-separated, or 'all': {', '.join(ALL_MODELS)}")]
