@@ -183,6 +183,9 @@ def server_env(artifacts_dir: Path, prefix: str, redis_url: str) -> dict[str, st
         COLDWARM_KEY_PREFIX=prefix,
         COLDWARM_MAX_QUEUE_MS=str(MAX_QUEUE_MS),
         COLDWARM_REDIS_TIMEOUT_MS=str(REDIS_TIMEOUT_MS),
+        # The replay writes every user through the API into a fresh prefix: empty on purpose, not a
+        # store that lost its load (no load marker needed).
+        COLDWARM_REQUIRE_FEATURE_MARKER="false",
         PYTHONUNBUFFERED="1",
     )
     env.pop("COLDWARM_ADMIN_TOKEN", None)  # no admin endpoint in a benchmark

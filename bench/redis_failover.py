@@ -72,6 +72,8 @@ def start_service(
         "COLDWARM_KEY_PREFIX": prefix,
         "COLDWARM_REDIS_WAIT_REPLICAS": str(wait),
         "COLDWARM_REDIS_WAIT_TIMEOUT_MS": "50",
+        # Users exist only through this run's events: a fresh prefix, empty on purpose (no load marker).
+        "COLDWARM_REQUIRE_FEATURE_MARKER": "false",
     }
     command = [sys.executable, "-m", "coldwarm", "serve", "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -541,7 +541,14 @@ def load_into_redis(loaded: InteractionData, settings: Settings) -> None:
         raise fail(f"Redis at {redacted_url(service_settings.redis_url)}: {error}") from error
     finally:
         client.close()
-    log.info("loaded %d users, %d actions into Redis in %.1fs", stats.users, stats.actions, stats.seconds)
+    marker = stats.marker.version if stats.marker else "none"
+    log.info(
+        "loaded %d users, %d actions into Redis in %.1fs (load marker version %s)",
+        stats.users,
+        stats.actions,
+        stats.seconds,
+        marker,
+    )
 
 
 def serve_workers(host: str, port: int, workers: int, data: str | None) -> None:

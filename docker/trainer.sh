@@ -6,9 +6,9 @@
 #   2. `coldwarm run --no-serve` (train -> evaluate -> export -> index), SKIPPED when the artifacts root
 #      already holds a complete version (LATEST and its index), unless COLDWARM_RETRAIN=1; a model exported
 #      without its index gets only `coldwarm build-index`;
-#   3. `coldwarm load-features` into COLDWARM_REDIS_URL, when this run trained, when the key namespace is
-#      empty (Redis runs without persistence by default, so a restarted Redis is empty), or when
-#      COLDWARM_RELOAD_FEATURES=1. Loading is authoritative for the users it loads, so it is not repeated
+#   3. `coldwarm load-features` into COLDWARM_REDIS_URL, when this run trained, when the store holds no
+#      completed load (no load marker: Redis runs without persistence by default, so a restarted Redis
+#      is empty), or when COLDWARM_RELOAD_FEATURES=1. Loading is authoritative for the users it loads, so it is not repeated
 #      over a live store: that would drop the events recorded since.
 # Exit status 0 means the artifacts and the features are ready, which is what the api waits for
 # (depends_on: condition: service_completed_successfully).
@@ -63,19 +63,34 @@ else
     log "artifacts $model_version are complete: not retraining (COLDWARM_RETRAIN=1 forces it)"
 fi
 
-# "empty" or "loaded": whether any key of the namespace exists. Fails (and so does this script) when
-# Redis cannot be reached.
+# "empty" or "loaded": whether the feature store holds a completed load (its load marker; Redis runs
+# without persistence by default, so a restarted Redis has none). Waits up to COLDWARM_STORE_WAIT_S
+# (120) for the store to answer (a Redis Cluster: formed and serving every slot), since the cluster
+# profile's nodes may still be joining; fails, and so does this script, when it never does.
 features_state() {
     python - <<'PY'
-import redis
+import os
+import sys
+import time
+
+from redis.exceptions import RedisClusterException, RedisError
 
 from service.feature_store import KeyLayout
-from service.settings import ServiceSettings
+from service.feature_store.client import create_sync_client
+from service.settings import ServiceSettings, redacted_url
 
 settings = ServiceSettings()
-client = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
-pattern = KeyLayout(settings.key_prefix, settings.key_schema_version).pattern()
-print("loaded" if next(client.scan_iter(match=pattern, count=1000), None) is not None else "empty")
+marker_key = KeyLayout(settings.key_prefix, settings.key_schema_version).load_marker_key()
+deadline = time.monotonic() + float(os.environ.get("COLDWARM_STORE_WAIT_S", "120"))
+while True:
+    try:
+        client = create_sync_client(settings.redis_url, settings.redis_cluster)
+        print("loaded" if client.exists(marker_key) else "empty")
+        break
+    except (RedisError, RedisClusterException) as error:
+        if time.monotonic() > deadline:
+            sys.exit(f"coldwarm-trainer: {redacted_url(settings.redis_url)} does not answer: {error}")
+        time.sleep(2)
 PY
 }
 

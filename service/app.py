@@ -18,6 +18,7 @@ from service.api import admin, health, recommend, users
 from service.engine import Recommender, ServingBundle, configure_threads, load_bundle, release_memory
 from service.errors import install_error_handlers
 from service.feature_store import FeatureStore, KeyLayout, MemoryFeatureStore
+from service.feature_store.marker import MarkerWatch
 from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimit, RequestCounter
 from service.settings import ServiceSettings, redacted_url
@@ -51,6 +52,13 @@ def make_store(settings: ServiceSettings, cap: int) -> tuple[FeatureStore, str]:
         wait_timeout_ms=settings.redis_wait_timeout_ms,
     )
     return store, kind
+
+
+def make_marker_watch(settings: ServiceSettings, store: FeatureStore) -> MarkerWatch:
+    """The store's load-marker watch; the marker is required of a shared store only: the in-process one
+    holds what this process put in it, and cannot lose it behind the process's back."""
+    required = settings.require_feature_marker and not isinstance(store, MemoryFeatureStore)
+    return MarkerWatch(store, required, settings.feature_marker_check_s)
 
 
 async def load_startup_bundle(
@@ -113,7 +121,11 @@ def create_app(
                 serving.index_version,
                 serving.n_items,
             )
-        app.state.coldwarm = ServiceState(settings, index_settings, feature_store, kind, recommender, metrics)
+        marker_watch = make_marker_watch(settings, feature_store)
+        await marker_watch.start()
+        app.state.coldwarm = ServiceState(
+            settings, index_settings, feature_store, kind, recommender, metrics, marker_watch
+        )
         # The recommender alone holds the bundle: this frame lives as long as the app, and a reference
         # here would keep the start-up model in memory after every reload.
         del serving
@@ -121,6 +133,7 @@ def create_app(
         try:
             yield
         finally:
+            await marker_watch.stop()
             recommender.close()
             client = getattr(feature_store, "client", None)
             if client is not None and store is None:

@@ -46,6 +46,20 @@ class ServiceSettings(BaseSettings):
         60, ge=0, description="how far ahead of the wall clock a /recommend request_time may lie (clock skew)"
     )
     redis_max_connections: int = Field(64, ge=1)
+    require_feature_marker: bool = Field(
+        True,
+        description="a Redis store must hold the marker `coldwarm load-features` writes after a load: "
+        "without it (a Redis restarted without persistence, flushed, never loaded) answers are flagged "
+        "degraded (feature_store_empty) and /readyz is 503; off for deployments that start from an "
+        "empty store on purpose. The in-process store never needs one",
+    )
+    feature_marker_check_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="seconds between two reads of the load marker (in the background: requests read a "
+        "flag); answers may go out unflagged for this long after the store lost its data",
+    )
     key_prefix: str = "coldwarm"
     key_schema_version: int = 1
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the user tower")

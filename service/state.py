@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from index_builder.settings import IndexSettings
 from service.engine import Recommender
 from service.feature_store import FeatureStore
+from service.feature_store.marker import MarkerWatch
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 
@@ -22,6 +23,7 @@ class ServiceState:
     store_kind: str
     recommender: Recommender
     metrics: ServiceMetrics
+    marker_watch: MarkerWatch  # whether the store holds a completed load: a flag, for the request path
 
 
 async def get_state(request: Request) -> ServiceState:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 from redis_cluster import Cluster, cluster_tools_missing, running_cluster
+from redis_process import REDIS_SERVER, RedisProcess, running_redis
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
@@ -46,6 +48,26 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
         pytest.skip(f"no Redis Cluster: {missing}")
     with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture()
+def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of the test's own, persistent (append-only file, fsync always): a SIGKILL and a
+    restart keep every acknowledged write."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH: the test needs a Redis of its own to kill")
+    with running_redis(tmp_path / "redis", persistent=True) as server:
+        yield server
+
+
+@pytest.fixture()
+def volatile_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of the test's own without persistence (the compose file's default): a restart
+    comes back empty."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH: the test needs a Redis of its own to kill")
+    with running_redis(tmp_path / "redis", persistent=False) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

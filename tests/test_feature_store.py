@@ -30,7 +30,7 @@ from model.evaluation.protocol import EvalPoint, build_eval_points
 from model.features import FeatureEncoder
 from model.ranker import encode_points
 from model.settings import FeatureConfig
-from service.feature_store import FeatureStore, FeatureStoreError, RedisFeatureStore
+from service.feature_store import FeatureStore, FeatureStoreError, LoadMarker, RedisFeatureStore
 from service.feature_store.client import create_client
 from service.feature_store.keys import KeyLayout
 from service.feature_store.loader import bulk_load, load_memory_store
@@ -522,15 +522,31 @@ def test_bulk_load_redis_content(redis_client: redis.Redis, layout: KeyLayout) -
         layout.user_key(3).encode(): {
             b"age": b"35", b"occupation": b"1", b"zip_code": b"94110", b"count": b"0",
         },
+        # The load marker, written last (tests/test_load_marker.py).
+        layout.load_marker_key().encode(): marker_hash(stats.marker),
     }  # fmt: skip
-    # Over a store changed since (stale fields, longer lists), a reload restores exactly this content.
+    # Over a store changed since (stale fields, longer lists), a reload restores exactly this content,
+    # with the marker of the new load.
     redis_client.hset(layout.user_key(3), mapping={"gender": "M", "first_ts": "1", "age": "x"})
     redis_client.rpush(layout.actions_key(1), *range(10))
     again = bulk_load(
         redis_client, layout, data, cap=CAP, user_ids=[1, 2, 3, 77], batch_size=2, progress=False
     )
     assert again.users == 3
-    assert redis_snapshot(redis_client, layout) == content
+    assert redis_snapshot(redis_client, layout) == {
+        **content,
+        layout.load_marker_key().encode(): marker_hash(again.marker),
+    }
+
+
+def marker_hash(marker: LoadMarker | None) -> dict[bytes, bytes]:
+    """The marker hash a load wrote, as HGETALL returns it."""
+    assert marker is not None and marker.users == 3
+    return {
+        b"version": marker.version.encode(),
+        b"time": str(marker.time).encode(),
+        b"users": str(marker.users).encode(),
+    }
 
 
 def test_malformed_stored_fields_do_not_raise(redis_client: redis.Redis, layout: KeyLayout) -> None:

@@ -96,7 +96,9 @@ def replayed(serving_artifacts: ServingArtifacts, redis_client: redis.Redis) -> 
         "offline", load_artifacts(version.directory), serving_artifacts.data.users, catalog
     )
     try:
-        with live_server(service_settings(version.directory, prefix)) as server:
+        # The replay writes every user through the API: a store that starts empty on purpose.
+        settings = service_settings(version.directory, prefix, require_feature_marker=False)
+        with live_server(settings) as server:
             replay = asyncio.run(
                 replay_points(
                     server.url,

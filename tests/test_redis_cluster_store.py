@@ -19,6 +19,7 @@ from redis_cluster import Cluster, running_cluster
 from service.feature_store import FeatureStoreError, RedisFeatureStore
 from service.feature_store.client import create_client
 from service.feature_store.keys import KeyLayout
+from service.feature_store.loader import bulk_load
 
 pytest.register_assert_rewrite("service_fixtures")
 from service_fixtures import ServingArtifacts, live_server, service_settings  # noqa: E402
@@ -147,6 +148,11 @@ def test_the_service_serves_from_a_cluster_and_reports_its_state(
     serving_artifacts: ServingArtifacts, redis_cluster: Cluster
 ) -> None:
     prefix = f"coldwarm-test-{uuid.uuid4().hex}"
+    # load-features into the cluster: the users, and the load marker in the slot of its key.
+    admin = redis_cluster.client()
+    data, cap = serving_artifacts.data, serving_artifacts.max_history
+    stats = bulk_load(admin, KeyLayout(prefix), data, cap=cap, progress=False)
+    admin.close()
     settings = service_settings(
         serving_artifacts.a.directory, prefix, redis_url=redis_cluster.url, redis_cluster=True
     )
@@ -154,7 +160,15 @@ def test_the_service_serves_from_a_cluster_and_reports_its_state(
         ready = server.client.get("/readyz")
         assert ready.status_code == 200, ready.text
         store = ready.json()["feature_store"]
-        assert store == {"kind": "redis-cluster", "reachable": True, "cluster_state": "ok"}
+        assert stats.marker is not None
+        assert store == {
+            "kind": "redis-cluster",
+            "reachable": True,
+            "cluster_state": "ok",
+            "loaded": True,
+            "marker": stats.marker.as_dict(),
+            "marker_required": True,
+        }
         item = int(serving_artifacts.catalog[0])
         for user in USERS[:20]:
             response = server.client.post(

@@ -15,22 +15,18 @@ What the service promises, and what is checked here:
 from __future__ import annotations
 
 import asyncio
-import shutil
-import signal
 import socket
-import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import redis
+from redis_process import RedisProcess
 
 from service.feature_store import KeyLayout
 
@@ -45,8 +41,6 @@ from service_fixtures import (  # noqa: E402
 )
 
 pytest_plugins = ["service_fixtures"]
-
-REDIS_SERVER = shutil.which("redis-server")
 
 TIMEOUT_MS = 100.0  # the service's per-call Redis budget in this test
 TIMEOUT_S = TIMEOUT_MS / 1000
@@ -72,111 +66,6 @@ K = 10
 N_EVENT_USERS = 24  # ~30 events/s over ~11 s: ~14 events per user, below the actions cap (50)
 EVENT_USER_BASE = 10**9  # fresh users: nothing stored before the test
 UNKNOWN_USER_BASE = 10**12  # never written: cold-start users
-
-
-# ----- a private redis-server ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisProcess:
-    """A redis-server on a loopback port and a directory of its own, to kill, restart and pause.
-
-    Persistence is on (append-only file, fsync before every reply, no RDB snapshots) so that a SIGKILL
-    and a restart on the same port and directory keep every write Redis acknowledged. Without it a
-    restart loses everything, acknowledged or not: that is a deployment choice, outside the service.
-    The service's own guarantee is that it never acknowledges an event Redis did not take; this test
-    needs persistence only to observe that guarantee across a restart.
-    """
-
-    def __init__(self, executable: str, directory: Path, port: int) -> None:
-        self.executable = executable
-        self.directory = directory
-        self.port = port
-        self.process: subprocess.Popen[bytes] | None = None
-        directory.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def log_file(self) -> Path:
-        return self.directory / "redis.log"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5.0, socket_connect_timeout=1.0)
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Starts (or restarts, on the same port and directory) and returns once PING answers."""
-        assert self.process is None or self.process.poll() is not None, "redis-server already runs"
-        command = [
-            self.executable,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.directory),
-            "--appendonly", "yes",
-            "--appendfsync", "always",
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.log_file),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        probe = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
-        try:
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited ({self.process.returncode}): {self.log_tail()}")
-                try:
-                    if probe.ping():  # a LOADING error (the append-only file) is a RedisError too
-                        return
-                except redis.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not answer PING in {timeout_s}s: {self.log_tail()}")
-                time.sleep(0.01)
-        finally:
-            probe.close()
-
-    def kill(self) -> None:
-        """SIGKILL, and wait until the process is gone (its sockets closed)."""
-        assert self.process is not None and self.process.poll() is None, "redis-server is not running"
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def pause(self, milliseconds: int) -> None:
-        """CLIENT PAUSE ... ALL: every client's commands wait (reads too) until the pause ends."""
-        client = self.client()
-        try:
-            assert client.execute_command("CLIENT", "PAUSE", milliseconds, "ALL") in (True, b"OK", "OK")
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-@pytest.fixture()
-def private_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not on PATH: the fault test needs a Redis of its own to kill")
-    server = RedisProcess(REDIS_SERVER, tmp_path / "redis", free_port())
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
 
 
 # ----- the load generator -------------------------------------------------------------------------------
@@ -497,7 +386,13 @@ def test_redis_kill_restart_and_pause_under_steady_load(
     # /readyz follows Redis: 503 (naming the store) while it is dead or paused, 200 soon after it returns.
     status, body = t.readyz_down
     assert status == 503 and body["ready"] is False
-    assert body["feature_store"] == {"kind": "redis", "reachable": False}
+    assert body["feature_store"] == {
+        "kind": "redis",
+        "reachable": False,
+        "loaded": None,  # unknown while the marker cannot be read
+        "marker": None,
+        "marker_required": True,
+    }
     assert body["artifacts"]["loaded"] is True
     status, seconds = t.readyz_paused
     assert status == 503 and seconds < P99_BOUND_S

@@ -26,6 +26,7 @@ pytest.register_assert_rewrite("service_fixtures")
 from service_fixtures import (  # noqa: E402
     DEAD_REDIS_URL,
     N_ITEMS,
+    N_USERS,
     LiveServer,
     ServingArtifacts,
     live_server,
@@ -412,7 +413,13 @@ def test_redis_down_degrades_reads_and_refuses_writes(
         ready = server.client.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["ready"] is False
-        assert ready.json()["feature_store"] == {"kind": "redis", "reachable": False}
+        assert ready.json()["feature_store"] == {
+            "kind": "redis",
+            "reachable": False,
+            "loaded": None,  # the marker cannot be read either
+            "marker": None,
+            "marker_required": True,
+        }
         assert server.client.get("/healthz").status_code == 200
 
         samples = server.metrics()
@@ -429,7 +436,10 @@ def test_readyz_with_redis_up(served: Served) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["ready"] is True
-    assert body["feature_store"] == {"kind": "redis", "reachable": True}
+    store = body["feature_store"]
+    marker = store.pop("marker")
+    assert store == {"kind": "redis", "reachable": True, "loaded": True, "marker_required": True}
+    assert marker["users"] == N_USERS and marker["version"] and marker["time"] > 0
     assert body["model_version"] == served.artifacts.a.model_version
     assert body["index_version"] == served.artifacts.a.index_version
     assert body["n_items"] == N_ITEMS

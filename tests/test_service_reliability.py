@@ -111,7 +111,9 @@ def test_service_with_broken_artifacts_is_not_ready_until_a_good_reload(
     root = tmp_path / "artifacts"
     good = shutil.copytree(serving_artifacts.a.directory, root / serving_artifacts.a.directory.name)
     broken, culprit = broken_copy(serving_artifacts.a.directory, root, breakage)
-    with live_server(service_settings(broken, key_prefix, admin_token=TOKEN)) as server:
+    with live_server(
+        service_settings(broken, key_prefix, admin_token=TOKEN, require_feature_marker=False)
+    ) as server:
         client = server.client
         assert client.get("/healthz").status_code == 200  # alive: an orchestrator must not kill it
         ready = client.get("/readyz")
@@ -283,7 +285,9 @@ def test_overloaded_service_answers_degraded_instead_of_queueing(
     serving_artifacts: ServingArtifacts, key_prefix: str
 ) -> None:
     # No queueing allowed: a request arriving while another one is computed is shed.
-    settings = service_settings(serving_artifacts.a.directory, key_prefix, max_queue_ms=0)
+    settings = service_settings(
+        serving_artifacts.a.directory, key_prefix, max_queue_ms=0, require_feature_marker=False
+    )
     with live_server(settings) as server:
         recommender = server.app.state.coldwarm.recommender
         with one_request_queued(server) as first:

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import without_paths
-from service.feature_store import FeatureStoreError
+from service.feature_store import FeatureStoreError, LoadMarker
 from service.state import ServiceState, State
 
 router = APIRouter(tags=["health"])
@@ -21,20 +21,31 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(state: State) -> JSONResponse:
-    """Artifacts are loaded and the feature store answers (a cluster: every slot served); 503 otherwise.
-    Without Redis the service still serves, degraded, but a load balancer should prefer a ready
-    instance; without artifacts it serves nothing, and the body says why."""
+    """Artifacts are loaded and the feature store answers (a cluster: every slot served) and holds a
+    completed load (its marker, when required); 503 otherwise. Without Redis, or with a Redis that lost
+    its data, the service still serves, degraded, but a load balancer should prefer a ready instance;
+    without artifacts it serves nothing, and the body says why."""
     recommender = state.recommender
     bundle = recommender.bundle
     feature_store: dict[str, object] = {"kind": state.store_kind}
+    marker, marker_read = await read_marker(state)
     if state.store_kind == "redis-cluster":
         # One CLUSTER INFO: the state says both whether a node answers and whether every slot is served.
         feature_store["cluster_state"] = await cluster_state(state)
         store_ok = feature_store["cluster_state"] == "ok"
     else:
-        store_ok = await state.store.ping()
-    feature_store["reachable"] = store_ok
-    ready = store_ok and bundle is not None
+        # The marker's read doubles as the ping: it answered, or the store is unreachable.
+        store_ok = marker_read
+    watch = state.marker_watch
+    # loaded: None when the marker could not be read; false only where it is required and missing.
+    loaded = (marker is not None or not watch.required) if marker_read else None
+    feature_store.update(
+        reachable=store_ok,
+        loaded=loaded,
+        marker=marker.as_dict() if marker is not None else None,
+        marker_required=watch.required,
+    )
+    ready = store_ok and loaded is True and bundle is not None
     body = {
         "ready": ready,
         "feature_store": feature_store,
@@ -51,6 +62,17 @@ async def readyz(state: State) -> JSONResponse:
         "batching": {"max_batch": recommender.batcher.max_batch, "wait_us": recommender.batcher.wait_s * 1e6},
     }
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def read_marker(state: ServiceState) -> tuple[LoadMarker | None, bool]:
+    """The store's load marker read now, and whether the read succeeded; a successful read also
+    refreshes the flag requests read, so a probe's news reaches them at once."""
+    try:
+        marker = await state.store.load_marker()
+    except FeatureStoreError:
+        return None, False
+    state.marker_watch.observe(marker)
+    return marker, True
 
 
 async def cluster_state(state: ServiceState) -> str:

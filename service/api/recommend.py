@@ -2,8 +2,8 @@
 
 Both run the same steps: read the users' records (one store call), turn each request into a
 ``RecommendQuery``, hand the queries to the recommender (batched on its model thread), and answer
-each with its items, gate and latencies. An overload or a store failure degrades answers; it never
-fails them.
+each with its items, gate and latencies. An overload, a store failure or a store that lost its data
+(no load marker) degrades answers; it never fails them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from model.evaluation.protocol import user_group
 from service.engine import NotLoadedError, OverloadedError, Recommendation, RecommendQuery
 from service.errors import documented, render_error, validation_detail, validation_message, without_paths
 from service.feature_store import FeatureStoreError, UserRecord
+from service.feature_store.marker import FEATURE_STORE_EMPTY
 from service.metrics import ServiceMetrics
 from service.schemas import BatchRecommendRequest, BatchRecommendResponse, RecommendRequest, RecommendResponse
 from service.state import ServiceState, State
@@ -50,12 +51,15 @@ class Served:
 
 
 async def read_users(state: ServiceState, user_ids: Sequence[int]) -> tuple[list[UserRecord], str | None]:
-    """The users' records (one store call), or empty (cold-start) ones and the reason when the store fails."""
+    """The users' records (one store call), or empty (cold-start) ones and the reason when the store fails;
+    records read from a store that lost its data come with the reason "feature_store_empty"."""
     try:
-        return await state.store.get_users(user_ids), None
+        records = await state.store.get_users(user_ids)
     except FeatureStoreError as error:
         state.metrics.redis_errors.labels("get_users").inc()
         return [UserRecord.unknown(u) for u in user_ids], f"feature_store_{error.reason}"
+    # A flag the marker watch keeps, not a read of the marker: requests cost no extra round trip.
+    return records, FEATURE_STORE_EMPTY if state.marker_watch.empty else None
 
 
 def request_time(body: RecommendRequest, state: ServiceState) -> int:

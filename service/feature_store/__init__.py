@@ -2,7 +2,8 @@
 event, then turned into model inputs by the same ``FeatureEncoder`` training uses.
 
 Two implementations of ``FeatureStore``: ``RedisFeatureStore`` (layout in ``keys.py``) and the
-embedded default ``MemoryFeatureStore``. ``loader.bulk_load`` fills Redis from offline data;
+embedded default ``MemoryFeatureStore``. ``loader.bulk_load`` fills Redis from offline data and then
+writes the load marker (``marker.py``), which tells a loaded store from one that lost its data;
 ``records.records_to_raw_users`` turns records into an encoder batch.
 """
 
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from service.feature_store.errors import FeatureStoreError
 from service.feature_store.keys import KeyLayout
+from service.feature_store.marker import LoadMarker
 from service.feature_store.memory_store import MemoryFeatureStore
 from service.feature_store.records import (
     DEFAULT_CAP,
@@ -29,6 +31,7 @@ __all__ = [
     "FeatureStore",
     "FeatureStoreError",
     "KeyLayout",
+    "LoadMarker",
     "MemoryFeatureStore",
     "RedisFeatureStore",
     "UserRecord",
@@ -61,6 +64,11 @@ class FeatureStore(Protocol):
 
     async def ping(self) -> bool:
         """Whether the store is reachable now."""
+        ...
+
+    async def load_marker(self) -> LoadMarker | None:
+        """The marker of the last completed load, None when there is none (FeatureStoreError when the
+        store cannot be read)."""
         ...
 
 

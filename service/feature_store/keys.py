@@ -11,11 +11,29 @@ them in one slot and the read pipeline and the ``record_event`` script may touch
                                             (an event whose id is here is a retry, not applied again)
     {prefix}:v{schema}:{<user_id>}:actions   list of item ids, newest first, at most ``cap`` long
 
+and one key per namespace, written by the loader once every user of a load is written::
+
+    {prefix}:v{schema}:loaded                hash: the load marker
+        version                             what was loaded (default: the data's fingerprint, as
+                                            the model manifests record it)
+        time                                Unix seconds when the load completed
+        users                               users the load wrote
+
+A store whose marker is missing holds no complete load: a Redis restarted without persistence, or
+flushed, or being loaded for the first time. The service flags its answers ``feature_store_empty``
+instead of serving every user as a new one (``marker.py``). On a Redis Cluster the marker is one key
+in one slot, so it speaks for its own master only: it catches that master coming back empty (killed
+and restarted without persistence, with no replica taking over), and the whole cluster being flushed or
+recreated; it does not catch another master losing its data while the marker's master keeps it (that
+master's users would be served as new users, unflagged). A replica taking over keeps what it had
+replicated, marker included.
+
 Numbers are decimal strings. A user with no keys is unknown: the service serves them as a cold-start
-user (empty profile, no history, count 0). ``prefix`` separates deployments or tests sharing one
-server; ``schema_version`` is bumped whenever this layout changes, so that a new service version
-reads a fresh, fully loaded key space instead of misreading the old one. ``pattern()`` matches every
-key of one (prefix, schema) pair, for SCAN-based cleanup and inspection.
+user (empty profile, no history, count 0), flagged degraded while the marker is missing. ``prefix``
+separates deployments or tests sharing one server; ``schema_version`` is bumped whenever this layout
+changes, so that a new service version reads a fresh, fully loaded key space instead of misreading the
+old one (a fresh namespace has no marker until it is loaded). ``pattern()`` matches every key of one
+(prefix, schema) pair, the marker included, for SCAN-based cleanup and inspection.
 """
 
 from __future__ import annotations
@@ -28,6 +46,7 @@ from model.data.schema import PROFILE_FIELDS
 STATE_FIELDS: tuple[str, ...] = ("count", "first_ts", "last_ts")
 EVENT_IDS_FIELD = "event_ids"
 USER_FIELDS: tuple[str, ...] = (*PROFILE_FIELDS, *STATE_FIELDS)
+MARKER_FIELDS: tuple[str, ...] = ("version", "time", "users")
 
 # Characters SCAN's MATCH treats specially; escaped in pattern() so a prefix is always literal.
 _GLOB_SPECIAL = "\\*?[]"
@@ -56,6 +75,10 @@ class KeyLayout:
     def actions_key(self, user_id: int) -> str:
         """List of a user's recent item ids, newest first."""
         return f"{self.namespace}:{{{as_user_id(user_id)}}}:actions"
+
+    def load_marker_key(self) -> str:
+        """Hash of the last completed load (MARKER_FIELDS); no hash tag: it belongs to no user."""
+        return f"{self.namespace}:loaded"
 
     def pattern(self) -> str:
         """SCAN MATCH pattern of every key in this layout's namespace."""

@@ -7,13 +7,19 @@ timestamps of a user without interactions) removed, so loading the same data twi
 changed since, leaves exactly the same content. Users only in the user table get their profile and
 count 0. Pipelines are not transactions: a reader racing the load may briefly see a user's actions
 list empty; load before serving, or accept that blip.
+
+Once every user is written, ``bulk_load`` writes the load marker (version, time, users;
+``keys.KeyLayout.load_marker_key``): a store without it lost its data or was never completely loaded,
+and the service flags its answers instead of serving every user as a new one (``marker.py``). A load
+that fails half-way writes no new marker; one over a store that already has a marker leaves the old one
+until it completes.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import TYPE_CHECKING
 
@@ -22,6 +28,7 @@ from tqdm.auto import tqdm
 
 from model.data.schema import InteractionData
 from service.feature_store.keys import USER_FIELDS, KeyLayout
+from service.feature_store.marker import LoadMarker, marker_fields
 from service.feature_store.memory_store import MemoryFeatureStore
 from service.feature_store.records import DEFAULT_CAP, UserRecord, iter_records
 
@@ -34,6 +41,7 @@ class LoadStats:
     users: int
     actions: int  # list entries written, after the cap
     seconds: float
+    marker: LoadMarker | None = None  # what the load wrote as its marker
 
     @property
     def users_per_second(self) -> float:
@@ -48,14 +56,26 @@ def bulk_load(
     user_ids: Iterable[int] | np.ndarray | None = None,
     batch_size: int = 1000,
     progress: bool = True,
+    version: str | None = None,
 ) -> LoadStats:
-    """Writes users (all known users when ``user_ids`` is None) in pipelines of ``batch_size`` users.
+    """Writes users (all known users when ``user_ids`` is None) in pipelines of ``batch_size`` users,
+    then the load marker, naming ``version`` (default: the data's fingerprint).
 
     Ids unknown to ``data`` are skipped and not counted: the loader never invents a user.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return _load(data, cap, user_ids, batch_size, progress, lambda batch: _write_batch(client, layout, batch))
+    if version is not None and not version:
+        raise ValueError("version must be non-empty (None: the data's fingerprint)")
+
+    def write(batch: list[UserRecord]) -> None:
+        _write_batch(client, layout, batch)
+
+    stats = _load(data, cap, user_ids, batch_size, progress, write)
+    marker = completed_load(data, stats.users, version)
+    # Last, and only once every batch is written: the marker says the store holds a complete load.
+    client.hset(layout.load_marker_key(), mapping=marker_fields(marker))
+    return replace(stats, marker=marker)
 
 
 def load_memory_store(
@@ -63,14 +83,28 @@ def load_memory_store(
     data: InteractionData,
     user_ids: Iterable[int] | np.ndarray | None = None,
     progress: bool = False,
+    version: str | None = None,
 ) -> LoadStats:
-    """``bulk_load`` for the embedded store, at the store's own cap."""
+    """``bulk_load`` for the embedded store, at the store's own cap (its marker is for /readyz only)."""
 
     def write(batch: list[UserRecord]) -> None:
         for record in batch:
             store.put_record(record)
 
-    return _load(data, store.cap, user_ids, 10_000, progress, write)
+    stats = _load(data, store.cap, user_ids, 10_000, progress, write)
+    store.marker = completed_load(data, stats.users, version)
+    return replace(stats, marker=store.marker)
+
+
+def completed_load(data: InteractionData, users: int, version: str | None) -> LoadMarker:
+    """The marker of a load of ``users`` users of ``data`` completed now."""
+    if version is None:
+        # Imported here: model.artifacts brings torch, which only this default needs.
+        from model.artifacts import data_fingerprint
+
+        # The fingerprint the model manifests record: the loaded data can be matched to a model.
+        version = data_fingerprint(data)
+    return LoadMarker(version=version, time=int(time.time()), users=users)
 
 
 def _load(

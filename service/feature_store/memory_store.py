@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from model.data.schema import PROFILE_FIELDS
 from service.feature_store.keys import as_user_id
+from service.feature_store.marker import LoadMarker
 from service.feature_store.records import (
     DEFAULT_CAP,
     EVENT_IDS_KEPT,
@@ -42,6 +43,9 @@ class MemoryFeatureStore:
             raise ValueError(f"cap must be >= 1, got {cap}")
         self.cap = cap
         self._users: dict[int, _UserState] = {}
+        # Set by loader.load_memory_store, for /readyz; this store never needs one to count as loaded:
+        # it cannot lose its data behind the process's back.
+        self.marker: LoadMarker | None = None
 
     def __len__(self) -> int:
         return len(self._users)
@@ -78,6 +82,9 @@ class MemoryFeatureStore:
 
     async def ping(self) -> bool:
         return True
+
+    async def load_marker(self) -> LoadMarker | None:
+        return self.marker
 
     def put_record(self, record: UserRecord) -> None:
         """Replaces a user's whole record (bulk loading); actions beyond the cap are dropped."""

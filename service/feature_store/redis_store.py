@@ -23,6 +23,7 @@ from model.data.schema import PROFILE_FIELDS
 from service.feature_store.client import DEFAULT_TIMEOUT_S, AsyncClient, cluster_connections, is_cluster
 from service.feature_store.errors import FeatureStoreError, as_store_error, redis_failures
 from service.feature_store.keys import EVENT_IDS_FIELD, KeyLayout, as_user_id
+from service.feature_store.marker import LoadMarker, parse_marker
 from service.feature_store.records import (
     DEFAULT_CAP,
     EVENT_IDS_KEPT,
@@ -255,6 +256,11 @@ class RedisFeatureStore:
             return bool(await self._bounded("ping", self.client.ping()))
         except FeatureStoreError:
             return False
+
+    async def load_marker(self) -> LoadMarker | None:
+        """The loader's marker (one HGETALL, within the timeout); None when the key does not exist."""
+        fields = await self._bounded("load_marker", self.client.hgetall(self.layout.load_marker_key()))
+        return parse_marker(fields)
 
     async def cluster_state(self) -> str | None:
         """CLUSTER INFO's cluster_state ("ok" or "fail") as a node the client knows reports it; None for
