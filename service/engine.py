@@ -52,7 +52,7 @@ class ServingBundle:
     searcher: SearchBackend
     # Exact search over ``vectors`` on the CPU, for rows an approximate index leaves short: its catalog
     # is checked once, here, not on every call (np.unique and isfinite over n × (d + 1) values).
-    exact: SearchBackend | None = None
+    exact: SearchBackend
     # The answer for a user the service knows nothing of, ranked once at load: what an overloaded
     # service hands out instead of queueing (cold-start quality, no model or search cost).
     cold_answer: Recommendation | None = None
@@ -179,7 +179,7 @@ def compute_batch(bundle: ServingBundle, queries: Sequence[RecommendQuery]) -> l
     fetch = sorted(needs)[(len(needs) - 1) * 3 // 4]
     scores, ids = bundle.searcher.search(vectors, fetch)
     kept = [survivors(ids[row], scores[row], q.exclude, q.k) for row, q in enumerate(queries)]
-    ran_short = [bool((ids[row] < 0).any()) for row in range(len(queries))]
+    ran_short = (ids < 0).any(axis=1).tolist()
     for row, query in enumerate(queries):
         if len(kept[row]) < query.k and needs[row] > fetch:
             alone_scores, alone_ids = bundle.searcher.search(vectors[row : row + 1], needs[row])
@@ -189,10 +189,7 @@ def compute_batch(bundle: ServingBundle, queries: Sequence[RecommendQuery]) -> l
     if short:
         # An approximate index (IVF probing few lists, HNSW's reachable graph) ran short of the
         # catalog for these rows; exact search over the same folded vectors always has every item.
-        exact = bundle.exact or TorchExactSearch(
-            bundle.vectors, bundle.artifacts.items.item_ids, torch.device("cpu")
-        )
-        exact_scores, exact_ids = exact.search(vectors[short], max(needs[row] for row in short))
+        exact_scores, exact_ids = bundle.exact.search(vectors[short], max(needs[row] for row in short))
         for at, row in enumerate(short):
             kept[row] = survivors(exact_ids[at], exact_scores[at], queries[row].exclude, queries[row].k)
     search_done = time.perf_counter()

@@ -286,7 +286,13 @@ def test_ivf_with_small_nprobe_reports_lower_recall_and_still_returns_k_valid_id
 
     # The engine over the IVF bundle answers k valid, unexcluded items too.
     bundle = ServingBundle(
-        bundle_a.artifacts, index, loaded, loaded["index_version"], vectors, FaissSearch(index)
+        bundle_a.artifacts,
+        index,
+        loaded,
+        loaded["index_version"],
+        vectors,
+        FaissSearch(index),
+        exact=bundle_a.exact,
     )
     for case in [case for case in cases if case.point.h <= 5]:
         result = compute(bundle, case.record, case.point.request_time, k, set(case.record.actions))

@@ -65,14 +65,12 @@ async def readyz(state: State) -> JSONResponse:
 
 
 async def read_marker(state: ServiceState) -> tuple[LoadMarker | None, bool]:
-    """The store's load marker read now, and whether the read succeeded; a successful read also
-    refreshes the flag requests read, so a probe's news reaches them at once."""
+    """The store's load marker read now, and whether the read succeeded; the watch takes a successful
+    read, so a probe's news reaches the requests' flag at once."""
     try:
-        marker = await state.store.load_marker()
+        return await state.marker_watch.check(), True
     except FeatureStoreError:
         return None, False
-    state.marker_watch.observe(marker)
-    return marker, True
 
 
 async def cluster_state(state: ServiceState) -> str:
