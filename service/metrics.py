@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 # Sub-millisecond buckets: the stages of a request take tens of microseconds to a few milliseconds.
@@ -83,31 +85,19 @@ class ServiceMetrics:
         )
         # Label children bound once (stage, gate, request); endpoints are route templates, statuses and
         # groups few, so these stay small.
-        self._stages: dict[str, Histogram] = {}
-        self._gates: dict[str, Histogram] = {}
-        self._requests: dict[tuple[str, int, str], Counter] = {}
+        self._stages: dict[tuple[str, ...], Histogram] = {}
+        self._gates: dict[tuple[str, ...], Histogram] = {}
+        self._requests: dict[tuple[str, ...], Counter] = {}
         self.index_size = Gauge("coldwarm_index_items", "Items in the served index", registry=self.registry)
 
     def stage(self, name: str) -> Histogram:
-        """The stage histogram's child for ``name``, bound once: ``labels()`` on every request costs a
-        lock and a dict lookup per call."""
-        child = self._stages.get(name)
-        if child is None:
-            child = self._stages[name] = self.stage_latency.labels(name)
-        return child
+        return bound(self._stages, self.stage_latency, name)
 
     def gate(self, group: str) -> Histogram:
-        child = self._gates.get(group)
-        if child is None:
-            child = self._gates[group] = self.gate_cold_weight.labels(group)
-        return child
+        return bound(self._gates, self.gate_cold_weight, group)
 
     def request(self, endpoint: str, status: int, group: str) -> Counter:
-        key = (endpoint, status, group)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(endpoint, str(status), group)
-        return child
+        return bound(self._requests, self.requests, endpoint, str(status), group)
 
     def set_versions(
         self,
@@ -128,3 +118,15 @@ class ServiceMetrics:
             }
         )
         self.index_size.set(n_items)
+
+
+M = TypeVar("M", Counter, Histogram)
+
+
+def bound(children: dict[tuple[str, ...], M], metric: M, *labels: str) -> M:
+    """``metric.labels(*labels)``, bound once and kept in ``children``: ``labels()`` on every request
+    costs a lock and a dict lookup per call."""
+    child = children.get(labels)
+    if child is None:
+        child = children[labels] = metric.labels(*labels)
+    return child

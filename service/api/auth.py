@@ -9,7 +9,7 @@ history is personal data). Tokens are compared in constant time and never logged
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, TypeGuard
 
 from fastapi import Depends, Header, HTTPException
 from pydantic import SecretStr
@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from service.state import State
 
 
-def configured(secret: SecretStr | None) -> bool:
+def configured(secret: SecretStr | None) -> TypeGuard[SecretStr]:
     return secret is not None and bool(secret.get_secret_value())
 
 
@@ -33,14 +33,14 @@ def refuse() -> HTTPException:
 
 async def require_write(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
     secret = state.settings.write_token
-    if secret is not None and configured(secret) and not bearer_matches(authorization, secret):
+    if configured(secret) and not bearer_matches(authorization, secret):
         raise refuse()
 
 
 async def require_read(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
     # The read token, or the write token (whoever may write a user's events may read them back).
     settings = state.settings
-    tokens = [t for t in (settings.read_token, settings.write_token) if t is not None and configured(t)]
+    tokens = [t for t in (settings.read_token, settings.write_token) if configured(t)]
     if tokens and not any(bearer_matches(authorization, token) for token in tokens):
         raise refuse()
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +30,6 @@ log = logging.getLogger(__name__)
 
 # The degraded reason of an answer from a store without its marker.
 FEATURE_STORE_EMPTY = "feature_store_empty"
-_DIGITS = re.compile(r"[0-9]+")
 _VERSION, _TIME, _USERS = MARKER_FIELDS
 
 
@@ -52,24 +49,6 @@ class LoadMarker:
 def marker_fields(marker: LoadMarker) -> dict[str, str]:
     """The marker hash as the layout stores it (decimal strings)."""
     return {_VERSION: marker.version, _TIME: str(marker.time), _USERS: str(marker.users)}
-
-
-def parse_marker(fields: Mapping[Any, Any]) -> LoadMarker | None:
-    """The marker from an HGETALL reply (bytes or str), None when the hash does not exist."""
-    if not fields:
-        return None
-    text = {_as_text(name): _as_text(value) for name, value in fields.items()}
-    return LoadMarker(
-        version=text.get(_VERSION, ""), time=_as_int(text.get(_TIME)), users=_as_int(text.get(_USERS))
-    )
-
-
-def _as_text(value: Any) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _as_int(value: str | None) -> int | None:
-    return int(value) if value is not None and _DIGITS.fullmatch(value) else None
 
 
 class MarkerWatch:

@@ -22,8 +22,8 @@ from redis.exceptions import RedisError
 from model.data.schema import PROFILE_FIELDS
 from service.feature_store.client import DEFAULT_TIMEOUT_S, AsyncClient, cluster_connections, is_cluster
 from service.feature_store.errors import FeatureStoreError, as_store_error, redis_failures
-from service.feature_store.keys import EVENT_IDS_FIELD, KeyLayout, as_user_id
-from service.feature_store.marker import LoadMarker, parse_marker
+from service.feature_store.keys import EVENT_IDS_FIELD, MARKER_FIELDS, KeyLayout, as_user_id
+from service.feature_store.marker import LoadMarker
 from service.feature_store.records import (
     DEFAULT_CAP,
     EVENT_IDS_KEPT,
@@ -380,6 +380,23 @@ def _as_actions(items: list[Any] | tuple[Any, ...]) -> list[int]:
         except (ValueError, TypeError):
             pass
     return [item for item in (_as_int(raw) for raw in items) if item is not None and item >= 0]
+
+
+def parse_marker(fields: Any) -> LoadMarker | None:
+    """The load marker from an HGETALL reply (bytes or str), None when the hash does not exist; ``time``
+    and ``users`` are None when unreadable (the marker still counts as present)."""
+    if not fields:
+        return None
+    text = {_as_text(name): value for name, value in fields.items()}
+    version, loaded_at, users = (text.get(name) for name in MARKER_FIELDS)
+    text_version = _as_text(version) if version is not None else ""
+    return LoadMarker(version=text_version, time=_as_count(loaded_at), users=_as_count(users))
+
+
+def _as_count(value: Any) -> int | None:
+    """A non-negative integer field (a time, a number of users), None when absent, malformed or negative."""
+    number = _as_int(value)
+    return number if number is not None and number >= 0 else None
 
 
 def _as_text(value: Any) -> str:
