@@ -233,11 +233,9 @@ class FeatureEncoder:
         item_ids = np.asarray(item_ids, dtype=np.int64)
         if not len(self.catalog_item_ids):
             return np.full(item_ids.shape, MISSING, dtype=np.int64)
-        positions = np.minimum(
-            np.searchsorted(self.catalog_item_ids, item_ids), len(self.catalog_item_ids) - 1
-        )
-        known = (item_ids >= 0) & (self.catalog_item_ids[positions] == item_ids)
-        return np.where(known, positions + 1, MISSING)
+        # Position + 1: an id outside the catalog is position -1, so code 0, which is MISSING; negative
+        # ids are padding whatever the catalog holds.
+        return np.where(item_ids >= 0, self.catalog_positions(item_ids) + 1, MISSING)
 
     def encode_state(self, raw: RawUsers) -> np.ndarray:
         count = np.asarray(raw.interaction_count, dtype=np.int64)
