@@ -30,6 +30,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from annotated_types import MaxLen
 
 from index_builder.build import build_index_artifacts
 from index_builder.faiss_index import build_index
@@ -44,9 +45,15 @@ from model.settings import FeatureConfig, ModelConfig, TrainConfig
 from model.train import TrainingContext, fit_cold_warm_net
 from service.engine import RecommendQuery, ServingBundle, compute_batch, load_bundle
 from service.feature_store import UserRecord
+from service.schemas import RecommendRequest
 
 RESULTS = Path(__file__).resolve().parent / "results"
-EXCLUSION_CAP = 10_000  # service/schemas.py RecommendRequest.exclude_items max_length
+# The API's cap on exclude_items (a longer list is a 422), read from the request schema itself.
+EXCLUSION_CAP: int = next(
+    rule.max_length
+    for rule in RecommendRequest.model_fields["exclude_items"].metadata
+    if isinstance(rule, MaxLen)
+)
 K = 50
 BATCH = 64
 log = logging.getLogger("bench")
