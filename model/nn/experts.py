@@ -20,7 +20,7 @@ from torch import nn
 
 from model.nn.group_attention import GroupAttention
 from model.nn.layers import mlp
-from model.nn.sequence import SequenceEncoder, oldest_first
+from model.nn.sequence import SequenceEncoder
 
 
 def masked_mean(embedded: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -56,12 +56,8 @@ class AttentionPooling(nn.Module):
         self.encoder = SequenceEncoder(dim, hidden_dim, max_history, n_blocks, 1, dropout)
 
     def forward(self, embedded: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        sequence = oldest_first(history)
-        valid = sequence > 0
-        # The encoder's layout: the embeddings reversed to oldest → newest, the all-padding columns cut.
-        inputs = embedded.flip(1)[:, embedded.shape[1] - sequence.shape[1] :]
-        newest = self.encoder(inputs, valid) * valid[:, -1:].to(embedded.dtype)
-        return torch.cat([masked_mean(embedded, history), newest], dim=1)
+        newest, has_history = self.encoder.read_history(embedded, history)
+        return torch.cat([masked_mean(embedded, history), newest * has_history.to(embedded.dtype)], dim=1)
 
 
 class ColdExpert(nn.Module):
@@ -122,11 +118,7 @@ class NewestReading(nn.Module):
         self.empty_history = nn.Parameter(torch.randn(dim) * 0.05)
 
     def forward(self, embedded: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        sequence = oldest_first(history)
-        valid = sequence > 0
-        inputs = embedded.flip(1)[:, embedded.shape[1] - sequence.shape[1] :]
-        newest = self.encoder(inputs, valid)
-        has_history = valid[:, -1:]
+        newest, has_history = self.encoder.read_history(embedded, history)
         return torch.where(has_history, newest, self.empty_history.unsqueeze(0).expand_as(newest))
 
 

@@ -94,6 +94,17 @@ class SequenceEncoder(nn.Module):
                 x = x * keep  # padding positions stay zero, as SASRec's timeline mask keeps them
         return self.final_norm(x[:, -1])
 
+    def read_history(
+        self, embedded: torch.Tensor, history: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder over a user tower's history: (B, L, d) embeddings of the newest-first, right-padded
+        ``history`` (B, L) → (newest output (B, d), (B, 1) whether the user has any history)."""
+        sequence = oldest_first(history)
+        valid = sequence > 0
+        # The encoder's layout: the embeddings reversed to oldest → newest, the all-padding columns cut.
+        inputs = embedded.flip(1)[:, embedded.shape[1] - sequence.shape[1] :]
+        return self.forward(inputs, valid), valid[:, -1:]
+
 
 def blocked_pairs(valid: torch.Tensor) -> torch.Tensor:
     """(B, L, L): True where query i must not see key j, i.e. j is in i's future or j is padding.
