@@ -59,6 +59,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"warm_expert": "sequence"},
         LONGER_TRAINING,
     ),
+    "dot product similarity": ({"similarity": "dot"}, {}),
+    "score mixing (each expert its own item tower), up to 16 epochs": (
+        {"expert_mixing": "score"},
+        LONGER_TRAINING,
+    ),
 }
 # Baselines measured beside the variants on the same validation users, trained with their own recipe
 # (model/experiments.py), so a variant is judged against what it must beat, not only against itself.

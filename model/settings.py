@@ -83,6 +83,20 @@ class ModelConfig(BaseModel):
         "self-attention blocks over the history, its newest output is e_warm) plus an additive "
         "profile term, so that for users with a history the gate can weigh a SASRec-strength reading",
     )
+    similarity: Literal["cosine", "dot"] = Field(
+        "cosine",
+        description="cosine: the paper's s·cos(e_u, e_i) with a learnt scale s; dot: the plain inner "
+        "product <e_u, e_i> (as SASRec and YouTubeDNN score), so that a vector's norm can say how "
+        "sure a user's reading is or how popular an item is",
+    )
+    expert_mixing: Literal["embedding", "score"] = Field(
+        "embedding",
+        description="embedding: the paper's e_u = w_cold·e_cold + w_warm·e_warm against one item tower; "
+        "score: each expert has its own item tower and the gate mixes the two experts' scores, "
+        "w_cold·s(e_cold, e_i^cold) + w_warm·s(e_warm, e_i^warm), still one inner product of the "
+        "concatenated vectors (2 × embedding_dim), so that the cold and the warm side each learn the "
+        "item space they rank in",
+    )
     dkd_scope: Literal["all", "cold_start"] = Field(
         "all", description="samples DKD may distil: every sample, or only those with a cold-start history"
     )

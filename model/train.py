@@ -421,6 +421,9 @@ def fit_user_groups(
             "use_group_attention": False,
             "use_bias_net": False,
             "use_dkd": False,
+            # The groups live in the experts' own d-dimensional space, which is e_u only when the
+            # experts' embeddings (not their scores) are mixed.
+            "expert_mixing": "embedding",
         }
     )
     torch.manual_seed(config.seed)

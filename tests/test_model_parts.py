@@ -388,6 +388,60 @@ def test_score_all_is_scaled_cosine_plus_both_biases(world) -> None:
     assert float(b_i.std()) > 0
 
 
+def test_dot_similarity_scores_the_raw_mixed_vectors_with_a_fixed_unit_scale(world) -> None:
+    encoder, samples = world
+    torch.manual_seed(3)
+    net = ColdWarmNet(encoder, SMALL.model_copy(update={"similarity": "dot"}), [0, 4], [0, 2]).eval()
+    assert float(net.scale) == 1.0 and "log_scale" not in dict(net.named_parameters())
+    profile, history, state, _ = samples.batch(torch.arange(32))
+    with torch.no_grad():
+        scores = net.score_all(profile, history, state)
+        _, b_u, gate = net.user_tower(profile, history, state)
+        _, b_i = net.all_items()
+        profile_f = net.user_tower.profile(profile)
+        raw_cold = net.user_tower.cold(profile_f)
+        raw_warm = net.user_tower.warm(
+            profile_f, net.user_tower.pooling(net.user_tower.item_inputs(history), history)
+        )
+        raw_item = net.item_scorer.tower(torch.arange(net.n_items))
+    mixed = gate[:, :1] * raw_cold + gate[:, 1:] * raw_warm
+    expected = mixed @ raw_item.t() + b_u.unsqueeze(1) + b_i.unsqueeze(0)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert float((raw_item.norm(dim=1) - 1).abs().max()) > 1e-3  # really not normalised
+
+
+def test_score_mixing_is_the_gated_sum_of_each_experts_cosine_in_its_own_item_space(world) -> None:
+    encoder, samples = world
+    torch.manual_seed(4)
+    config = SMALL.model_copy(update={"expert_mixing": "score"})
+    net = ColdWarmNet(encoder, config, [], [0, 2]).eval()
+    with torch.no_grad():
+        net.log_scale.fill_(math.log(5.0))
+    profile, history, state, _ = samples.batch(torch.arange(32))
+    positions = torch.arange(net.n_items)
+    with torch.no_grad():
+        scores = net.score_all(profile, history, state)
+        e_u, b_u, gate, own_cold, own_warm = net.user_tower.experts(profile, history, state)
+        _, b_i = net.all_items()
+        profile_f = net.user_tower.profile(profile)
+        raw_cold = net.user_tower.cold(profile_f)
+        raw_warm = net.user_tower.warm(
+            profile_f, net.user_tower.pooling(net.user_tower.item_inputs(history), history)
+        )
+        cold_items, warm_items = net.item_scorer.tower(positions), net.item_scorer.warm_tower(positions)
+        e_i, _ = net.all_items()
+    cos_cold = F.cosine_similarity(raw_cold.unsqueeze(1), cold_items.unsqueeze(0), dim=2)
+    cos_warm = F.cosine_similarity(raw_warm.unsqueeze(1), warm_items.unsqueeze(0), dim=2)
+    expected = 5.0 * (gate[:, :1] * cos_cold + gate[:, 1:] * cos_warm) + b_u.unsqueeze(1) + b_i.unsqueeze(0)
+    assert e_u.shape == (32, 2 * SMALL.embedding_dim)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    # Each expert's own vector scores as that expert alone (what distillation compares).
+    torch.testing.assert_close(own_cold @ e_i.t(), cos_cold, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(own_warm @ e_i.t(), cos_warm, atol=1e-5, rtol=1e-5)
+    scripted = torch.jit.script(net.user_tower)
+    torch.testing.assert_close(scripted(profile, history, state)[0], e_u)
+
+
 def test_no_bias_net_means_zero_biases(world) -> None:
     encoder, samples = world
     net = ColdWarmNet(encoder, SMALL.model_copy(update={"use_bias_net": False}), [0, 1], [0, 1]).eval()

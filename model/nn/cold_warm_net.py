@@ -1,6 +1,12 @@
 """Cold & Warm Net: gated two-expert user tower, item tower, scaled cosine plus the bias net.
 
-score(u, i) = s · cos(e_u, e_i) + b_u + b_i, with e_u = w_cold · e_cold + w_warm · e_warm.
+score(u, i) = s · cos(e_u, e_i) + b_u + b_i, with e_u = w_cold · e_cold + w_warm · e_warm; with
+``ModelConfig.similarity="dot"`` the towers' vectors are not normalised and s is fixed at 1.
+
+With ``ModelConfig.expert_mixing="score"`` each expert ranks in its own item space and the gate mixes
+the scores: score(u, i) = s · (w_cold · cos(e_cold, e_i^cold) + w_warm · cos(e_warm, e_i^warm)) + b_u
++ b_i, which is still one inner product, e_u = [w_cold · ê_cold ; w_warm · ê_warm] against
+e_i = [ê_i^cold ; ê_i^warm] (2d wide), so the index and the service need nothing else.
 """
 
 from __future__ import annotations
@@ -114,6 +120,8 @@ class UserTower(nn.Module):
         self.user_bias = SideBias(
             user_bias_columns if config.use_bias_net else [], cardinalities, feature, hidden
         )
+        self.normalized = config.similarity == "cosine"
+        self.mix_scores = config.expert_mixing == "score"
 
     @torch.jit.export
     def experts(
@@ -126,9 +134,26 @@ class UserTower(nn.Module):
         e_cold = self.cold(profile_features)
         e_warm = self.warm(profile_features, self.pooling(self.item_inputs(history), history))
         gate = self.gate(state)
-        e_u = gate[:, 0:1] * e_cold + gate[:, 1:2] * e_warm
         bias = self.user_bias(torch.cat([profile, state], dim=1))
-        return F.normalize(e_u, dim=1), bias, gate, F.normalize(e_cold, dim=1), F.normalize(e_warm, dim=1)
+        if self.mix_scores:
+            return self._score_mixture(e_cold, e_warm, gate, bias)
+        e_u = gate[:, 0:1] * e_cold + gate[:, 1:2] * e_warm
+        if self.normalized:
+            e_u = F.normalize(e_u, dim=1)
+        # The experts' own vectors stay normalised: distillation compares their directions.
+        return e_u, bias, gate, F.normalize(e_cold, dim=1), F.normalize(e_warm, dim=1)
+
+    def _score_mixture(
+        self, e_cold: torch.Tensor, e_warm: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """e_u = [w_cold · e_cold ; w_warm · e_warm]; each expert's own vector is its half of the
+        concatenated space with zeros in the other half, so that against the concatenated item vectors
+        it scores exactly as that expert alone (distillation compares those scores)."""
+        if self.normalized:
+            e_cold, e_warm = F.normalize(e_cold, dim=1), F.normalize(e_warm, dim=1)
+        zeros = torch.zeros_like(e_cold)
+        e_u = torch.cat([gate[:, 0:1] * e_cold, gate[:, 1:2] * e_warm], dim=1)
+        return e_u, bias, gate, torch.cat([e_cold, zeros], dim=1), torch.cat([zeros, e_warm], dim=1)
 
     def forward(
         self, profile: torch.Tensor, history: torch.Tensor, state: torch.Tensor
@@ -149,6 +174,8 @@ class ItemScorer(nn.Module):
     ) -> None:
         super().__init__()
         self.tower = item_tower_for(encoder, items, config)
+        # With the experts' scores mixed, the warm expert ranks in an item space of its own.
+        self.warm_tower = item_tower_for(encoder, items, config) if config.expert_mixing == "score" else None
         self.register_buffer("bias_candidates", item_bias_candidate_matrix(items))
         cardinalities = [int(c) + 1 for c in self.bias_candidates.max(dim=0).values.tolist()]
         self.item_bias = SideBias(
@@ -157,9 +184,21 @@ class ItemScorer(nn.Module):
             config.feature_dim,
             config.hidden_dim,
         )
+        self.normalized = config.similarity == "cosine"
+
+    @property
+    def warm_item_tower(self) -> ItemTower:
+        """The item tower the warm expert ranks against (and may embed its history with)."""
+        return self.tower if self.warm_tower is None else self.warm_tower
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return F.normalize(self.tower(positions), dim=1), self.item_bias(self.bias_candidates[positions])
+        vectors = self._normalized(self.tower(positions))
+        if self.warm_tower is not None:
+            vectors = torch.cat([vectors, self._normalized(self.warm_tower(positions))], dim=1)
+        return vectors, self.item_bias(self.bias_candidates[positions])
+
+    def _normalized(self, vectors: torch.Tensor) -> torch.Tensor:
+        return F.normalize(vectors, dim=1) if self.normalized else vectors
 
 
 class ColdWarmNet(TwoTowerNet):
@@ -171,9 +210,12 @@ class ColdWarmNet(TwoTowerNet):
         item_bias_columns: list[int] | None = None,
     ) -> None:
         items = ItemSideInputs(encoder.item_features())
-        super().__init__(items.n_items, config.initial_scale, learn_scale=True)
+        cosine = config.similarity == "cosine"
+        super().__init__(items.n_items, config.initial_scale if cosine else 1.0, learn_scale=cosine)
         self.config = config
         self.user_bias_columns = list(user_bias_columns or [])
         self.item_bias_columns = list(item_bias_columns or [])
         self.item_scorer = ItemScorer(encoder, items, config, self.item_bias_columns)
-        self.user_tower = UserTower(encoder, items, config, self.user_bias_columns, self.item_scorer.tower)
+        self.user_tower = UserTower(
+            encoder, items, config, self.user_bias_columns, self.item_scorer.warm_item_tower
+        )
