@@ -5,8 +5,9 @@ Writes bench/results/offline_quality.json and bench/results/offline_quality/ (re
 Every trained model is trained --seeds times (seeds COLDWARM_TRAIN__SEED + 0 .. N-1): figures are means
 over seeds with their std; Cold & Warm Net is compared with the best baseline of each group by a paired
 bootstrap over test users. Deterministic baselines run once. Every trained run is stored under
-COLDWARM_CACHE_DIR/runs; --reuse sasrec,... takes those models' stored runs (same data, same settings)
-instead of training them again, and the report lists each reused run with its date and commit.
+COLDWARM_CACHE_DIR/runs (or --runs-dir); --reuse sasrec,... takes those models' stored runs (same
+data, same settings) instead of training them again, and the report lists each reused run with its
+date and commit.
 Needs the shared data (or any MovieLens directory), so it is a benchmark, not a test.
 """
 
@@ -67,6 +68,13 @@ def main() -> None:
         action="store_true",
         help="the --reuse models take the seeds that are stored and train none (the report says how many)",
     )
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=None,
+        help="where runs are stored and reused from (default COLDWARM_CACHE_DIR/runs); the README's "
+        "tables keep theirs in bench/results/runs, so a later session can reuse the baselines' runs",
+    )
     args = parser.parse_args()
     setup_logging()
     started = time.perf_counter()
@@ -76,7 +84,7 @@ def main() -> None:
     data = load_movielens(args.data_dir)
     context = build_context(data, settings)
     reuse = RunReuse(
-        RunStore(settings.cache_dir / "runs"),
+        RunStore(args.runs_dir or settings.cache_dir / "runs"),
         frozenset(check_model_names(comma_list(args.reuse))),
         stored_only=args.stored_only,
     )
