@@ -60,6 +60,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         LONGER_TRAINING,
     ),
     "dot product similarity": ({"similarity": "dot"}, {}),
+    "default, then a warm phase of up to 8 epochs": ({}, {"warm_phase_epochs": 8}),
+    "score mixing, then a warm phase of up to 8 epochs": (
+        {"expert_mixing": "score"},
+        {"warm_phase_epochs": 8},
+    ),
     "score mixing (each expert its own item tower), up to 16 epochs": (
         {"expert_mixing": "score"},
         LONGER_TRAINING,
@@ -86,7 +91,9 @@ def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str
     catalog = data.catalog_item_ids()
     ranker = ModelRanker(name, trained.net, context.encoder, data.users, catalog)
     result = evaluate(ranker, points, catalog, progress=False)
-    best = max(trained.epochs, key=lambda e: e.get("validation", 0.0))
+    main = [e for e in trained.epochs if "validation" in e]
+    best = max(main, key=lambda e: e["validation"])
+    phase = [e for e in trained.epochs if "warm_phase_validation" in e]
     row = {
         "trained": trained_name,
         "model": model_override,
@@ -96,8 +103,16 @@ def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str
         },
         "curve": {str(h): round(ms["recall@50"], 4) for h, ms in result.curve.items()},
         "gate_cold_mean": {g: round(v, 4) for g, v in gate_cold_means(points, ranker.gates(points)).items()},
-        "epochs": len(trained.epochs),
+        "epochs": len(main),
         "best_epoch": int(best["epoch"]),
+        **(
+            {
+                "warm_phase_epochs": len(phase),
+                "warm_phase_best_epoch": int(max(phase, key=lambda e: e["warm_phase_validation"])["epoch"]),
+            }
+            if phase
+            else {}
+        ),
         "seconds": round(trained.seconds, 1),
     }
     log.info("%s: %s", name, json.dumps(row["groups"]))
@@ -107,7 +122,8 @@ def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str
 def markdown(rows: dict[str, dict[str, Any]], dataset: str, seed: int) -> str:
     lines = [
         f"Validation users of {dataset}, training seed {seed}; Recall@50 / NDCG@50 per group, "
-        "the gate's mean cold weight (cold_start / warm_up / active), epochs run (best), training seconds "
+        "the gate's mean cold weight (cold_start / warm_up / active), epochs run (best; then the warm "
+        "phase's), training seconds "
         "(1 torch thread, with other jobs beside it: not a speed comparison).",
         "",
         "| variant | " + " | ".join(GROUPS) + " | gate cold | epochs | s |",
@@ -116,10 +132,10 @@ def markdown(rows: dict[str, dict[str, Any]], dataset: str, seed: int) -> str:
     for name, row in rows.items():
         cells = [f"{row['groups'][g]['recall@50']:.4f} / {row['groups'][g]['ndcg@50']:.4f}" for g in GROUPS]
         gate = " / ".join(f"{row['gate_cold_mean'].get(g, 0.0):.2f}" for g in GROUPS[:3])
-        lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {gate} | {row['epochs']} ({row['best_epoch']}) | "
-            f"{row['seconds']:.0f} |"
-        )
+        epochs = f"{row['epochs']} ({row['best_epoch']})"
+        if "warm_phase_epochs" in row:
+            epochs += f" + {row['warm_phase_epochs']} warm ({row['warm_phase_best_epoch']})"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {gate} | {epochs} | {row['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -152,6 +152,17 @@ class TrainConfig(BaseModel):
         "at max_history) ^ -history_balance, normalised to mean 1: 0 weighs every sample alike, 1 gives "
         "every history length the same total weight (short histories are rare among prefix samples)",
     )
+    warm_phase_epochs: int = Field(
+        0,
+        ge=0,
+        description="Cold & Warm Net only: after the main loop (stopped on validation_group), up to this "
+        "many epochs that train the warm side alone (its history reading, the warm expert, its item "
+        "tower under expert_mixing=score, and the gate), the cold side frozen where the main loop "
+        "left it, stopped on warm_phase_validation_group: the cold expert peaks epochs before the "
+        "warm one, and one stopping point serves one of them",
+    )
+    warm_phase_validation_group: str = "all"
+    warm_phase_validation_metric: str = "ndcg@50"
     seed: int = 0
     torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
     device: Literal["auto", "cpu", "cuda"] = Field(

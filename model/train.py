@@ -309,8 +309,11 @@ def run_epochs(
     label: str,
     validate: bool,
     progress: bool,
+    keep_start: bool = False,
 ) -> list[dict[str, float]]:
-    """Adam over shuffled samples; keeps the weights of the best validation epoch when validating.
+    """Adam over shuffled samples; keeps the weights of the best validation epoch when validating
+    (with ``keep_start``, the weights it started from are a candidate too). Parameters that do not
+    require grad stay as they are.
 
     Runs on ``config.device``; the net is handed back on the CPU, where export and evaluation read it.
 
@@ -342,7 +345,8 @@ def run_epochs(
     wrapped = wrapped_for_training(net, device, layout)
     progress = progress and layout.is_main
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     item_log_q = item_log_frequencies(context.samples, net.n_items)
     use_dkd = model_config.use_dkd and model_config.use_cold_expert and model_config.use_warm_expert
     weights = (
@@ -351,6 +355,9 @@ def run_epochs(
     history: list[dict[str, float]] = []
     best_score, stale = -1.0, 0
     best_state = copy.deepcopy(net.state_dict()) if layout.is_main else None
+    if validate and keep_start and layout.is_main:
+        best_score = validation_score(net, context, config)
+        log.info("%s starts at validation %.4f", label, best_score)
     for epoch in range(1, epochs + 1):
         net.train()
         order = torch.randperm(len(context.samples), generator=generator)
@@ -442,6 +449,56 @@ def fit_user_groups(
     return torch.as_tensor(distributed.broadcast_object(groups))
 
 
+def cold_side_parameters(net: ColdWarmNet) -> list[torch.nn.Parameter]:
+    """What ranks a user with no history: the profile tables, the cold expert and the group attention
+    it shares with the warm one, the (cold) item tower, both bias nets and the scale."""
+    tower, scorer = net.user_tower, net.item_scorer
+    modules = (tower.profile, tower.expert_state, tower.cold, tower.user_bias, scorer.tower, scorer.item_bias)
+    parameters = [p for module in modules for p in module.parameters()]
+    return [*parameters, *([net.log_scale] if isinstance(net.log_scale, torch.nn.Parameter) else [])]
+
+
+def fit_warm_phase(
+    net: ColdWarmNet,
+    context: TrainingContext,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    name: str,
+    progress: bool,
+    after_epoch: int,
+) -> list[dict[str, float]]:
+    """``config.warm_phase_epochs`` more epochs of the warm side, the cold side frozen (see
+    ``TrainConfig.warm_phase_epochs``); the net it starts from stays unless an epoch validates better.
+    Its records are numbered on from ``after_epoch`` and carry ``warm_phase_validation`` (its own
+    group and metric), not ``validation``."""
+    frozen = cold_side_parameters(net)
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    phase = config.model_copy(
+        update={
+            "validation_group": config.warm_phase_validation_group,
+            "validation_metric": config.warm_phase_validation_metric,
+            "seed": config.seed + 1,
+        }
+    )
+    try:
+        records = run_epochs(
+            net, context, phase, model_config, config.warm_phase_epochs, f"{name} warm phase", True,
+            progress, keep_start=True,
+        )  # fmt: skip
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+    return [
+        {
+            **{k: v for k, v in r.items() if k != "validation"},
+            "epoch": after_epoch + r["epoch"],
+            "warm_phase_validation": r["validation"],
+        }
+        for r in records
+    ]
+
+
 def user_bias_candidates(config: TrainConfig) -> list[str]:
     """User-side bias features only for BCE: in a softmax over items a per-user constant cancels, so
     b_u gets no gradient and Adam turns rounding noise into a random walk of its weights."""
@@ -488,7 +545,13 @@ def fit_cold_warm_net(
     )
     if uses_groups and group_embeddings is not None:
         net.user_tower.attention.set_groups(group_embeddings)
-    return fit_two_tower(context, net, model_config, config, name, progress, selection, started)
+    trained = fit_two_tower(context, net, model_config, config, name, progress, selection, started)
+    if config.warm_phase_epochs and model_config.use_cold_expert and model_config.use_warm_expert:
+        main_epochs = len(trained.epochs)
+        trained.epochs += fit_warm_phase(net, context, model_config, config, name, progress, main_epochs)
+        net.eval()
+        trained.seconds = time.perf_counter() - started
+    return trained
 
 
 def fit_two_tower(

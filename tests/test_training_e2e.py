@@ -17,7 +17,7 @@ from model.data.synthetic import generate_synthetic
 from model.experiments import ExperimentOutcome, run_experiments
 from model.features import FeatureEncoder
 from model.settings import ModelConfig, Settings, TrainConfig
-from model.train import TrainingContext, fit_cold_warm_net
+from model.train import TrainingContext, fit_cold_warm_net, validation_score
 
 pytestmark = pytest.mark.slow
 
@@ -86,3 +86,50 @@ def test_training_is_reproducible() -> None:
         assert torch.equal(a, b), name
     other = fit_once(context, seed=1)
     assert other.epochs[0]["loss"] != first.epochs[0]["loss"]
+
+
+@pytest.mark.parametrize("mixing", ["embedding", "score"])
+def test_the_warm_phase_trains_the_warm_side_and_leaves_the_cold_side_as_it_was(mixing: str) -> None:
+    """The cold side after main loop + warm phase equals the cold side after the main loop alone (same
+    seed); the warm side moved; the phase's records carry their own validation figure."""
+    context = context_for(300, 150, seed=3)
+    model = MODEL.model_copy(update={"n_user_groups": 8, "expert_mixing": mixing})
+    train = TRAIN.model_copy(update={"epochs": 1, "seed": 0})
+    with one_torch_thread():
+        main_only = fit_cold_warm_net(context, model, train, progress=False)
+        phased = fit_cold_warm_net(
+            context,
+            model,
+            train.model_copy(
+                update={
+                    "warm_phase_epochs": 2,
+                    "patience": 5,
+                    "warm_phase_validation_group": "warm_up",
+                    "warm_phase_validation_metric": "recall@50",
+                }
+            ),
+            progress=False,
+        )
+    assert len(phased.epochs) == 1 + 2
+    assert "validation" in phased.epochs[0]
+    assert all("warm_phase_validation" in e and "validation" not in e for e in phased.epochs[1:])
+    assert [e["epoch"] for e in phased.epochs] == [1, 2, 3]
+    before, after = main_only.net.state_dict(), phased.net.state_dict()
+    cold = ("user_tower.profile.", "user_tower.cold.", "item_scorer.tower.", "item_scorer.item_bias.")
+    warm = ("user_tower.warm.trunk.", "user_tower.pooling.", "user_tower.gate.")
+    for name, value in after.items():
+        if name.startswith(cold) or name == "log_scale":
+            assert torch.equal(value, before[name]), name
+    # The phase keeps the better of where it started and its best epoch, by its own figure.
+    phase = train.model_copy(update={"validation_group": "warm_up", "validation_metric": "recall@50"})
+    start = validation_score(main_only.net, context, phase)
+    best = max(e["warm_phase_validation"] for e in phased.epochs[1:])
+    assert validation_score(phased.net, context, phase) == pytest.approx(max(start, best), abs=1e-9)
+    # After one main epoch the warm side is far from trained: here a phase epoch is better, and kept.
+    assert best > start, (start, best)
+    changed = [n for n, v in after.items() if not torch.equal(v, before[n])]
+    moved = {n.split(".")[1] for n in changed if n.startswith(warm)}
+    assert moved == {"warm", "pooling", "gate"}, moved
+    if mixing == "score":
+        warm_tower = [n for n in after if n.startswith("item_scorer.warm_tower.")]
+        assert any(not torch.equal(after[n], before[n]) for n in warm_tower)
