@@ -2,7 +2,9 @@
 
 score(u, i) = s·cos(e_u, e_i) + b_u + b_i. With item vectors [s·e_i, b_i] and queries [e_u, 1],
 <query, item> = s·cos(e_u, e_i) + b_i (e_u and e_i are unit-norm). b_u is the same for every item of
-one query, so it cannot change the ranking: the caller adds it to the returned scores.
+one query, so it cannot change the ranking: the caller adds it to the returned scores. Nothing here
+needs unit norms: a model scoring by the inner product (s = 1) or mixing its experts' scores (e_u and
+e_i concatenations) folds the same way.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Layout of one version directory (the version is a hash of its content)::
 
     <root>/<model_version>/
         user_tower.pt     TorchScript: (profile, history, state) -> (e_u, b_u, gate)
-        items.npz         item_ids int64 (n,), embeddings float32 (n, d) unit-norm, bias float32 (n,)
+        items.npz         item_ids int64 (n,), embeddings float32 (n, d) (unit-norm unless the model scores
+                          by the inner product or mixes its experts' scores), bias float32 (n,)
         features.json     the fitted FeatureEncoder (vocabularies, buckets, catalog)
         manifest.json     version, data fingerprint and source, configs, cosine scale, metrics
     <root>/LATEST         the newest version's name
