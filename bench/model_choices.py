@@ -8,6 +8,8 @@ figures (bench/offline_quality.py) are reported once, for what was chosen.
 
 Run: python bench/model_choices.py [--data-dir ../shared/data/ml-1m-first2999] [--variants "a;b"|all]
 Writes bench/results/model_choices.json and .md; a run with --variants keeps the other variants' rows.
+With --seeds 0,1,2 every variant is trained once per seed, into bench/results/model_choices_seeds.*:
+one validation seed moves cold start by about as much as the choices it is asked to decide.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +26,10 @@ from coldwarm.cli import build_context, setup_logging
 from model.data.loading import load_dataset
 from model.evaluation.protocol import evaluate, gate_cold_means
 from model.experiments import train_variant
+from model.nn.cold_warm_net import ColdWarmNet
 from model.ranker import ModelRanker
 from model.settings import Settings
-from model.train import TrainingContext, set_torch_threads
+from model.train import TrainedModel, TrainingContext, fit_warm_phase, set_torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-1m-first2999"
@@ -61,6 +65,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "dot product similarity": ({"similarity": "dot"}, {}),
     "default, then a warm phase of up to 8 epochs": ({}, {"warm_phase_epochs": 8}),
+    "score mixing (each expert its own item tower)": ({"expert_mixing": "score"}, {}),
     "score mixing, then a warm phase of up to 8 epochs": (
         {"expert_mixing": "score"},
         {"warm_phase_epochs": 8},
@@ -69,6 +74,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"expert_mixing": "score"},
         LONGER_TRAINING,
     ),
+}
+# A variant with a warm phase -> the variant its main loop is: one training measures both.
+MAIN_LOOP_OF: dict[str, str] = {
+    "default, then a warm phase of up to 8 epochs": "default (warm: attention pooling)",
+    "score mixing, then a warm phase of up to 8 epochs": "score mixing (each expert its own item tower)",
 }
 # Baselines measured beside the variants on the same validation users, trained with their own recipe
 # (model/experiments.py), so a variant is judged against what it must beat, not only against itself.
@@ -80,24 +90,52 @@ REFERENCES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str, Any]:
+def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Rows of one training: the variant's; for a variant with a warm phase, also the row of the
+    variant its main loop is (``MAIN_LOOP_OF``), measured on the same net before the phase."""
     trained_name, train_override = REFERENCES.get(name, ("cold_warm_net", {}))
     model_override, variant_train = VARIANTS.get(name, ({}, {}))
     train_override = train_override | variant_train
     model_config = settings.model.model_copy(update=model_override)
     train_config = settings.train.model_copy(update=train_override)
-    trained = train_variant(trained_name, context, model_config, train_config, None, progress=False)
+    rows: dict[str, dict[str, Any]] = {}
+    main_loop = train_config.model_copy(update={"warm_phase_epochs": 0})
+    trained = train_variant(trained_name, context, model_config, main_loop, None, progress=False)
+    if train_config.warm_phase_epochs:
+        main_override = {k: v for k, v in train_override.items() if k != "warm_phase_epochs"}
+        rows[MAIN_LOOP_OF[name]] = measured_row(
+            trained, context, model_override, main_override, main_loop.seed
+        )
+        started = time.perf_counter()
+        assert isinstance(trained.net, ColdWarmNet)
+        trained.epochs += fit_warm_phase(
+            trained.net, context, model_config, train_config, name, False, len(trained.epochs)
+        )
+        trained.net.eval()
+        trained.seconds += time.perf_counter() - started
+    rows[name] = measured_row(trained, context, model_override, train_override, train_config.seed)
+    return rows
+
+
+def measured_row(
+    trained: TrainedModel,
+    context: TrainingContext,
+    model_override: dict[str, Any],
+    train_override: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
     data, points = context.data, context.validation_points
     catalog = data.catalog_item_ids()
-    ranker = ModelRanker(name, trained.net, context.encoder, data.users, catalog)
+    ranker = ModelRanker(trained.name, trained.net, context.encoder, data.users, catalog)
     result = evaluate(ranker, points, catalog, progress=False)
     main = [e for e in trained.epochs if "validation" in e]
     best = max(main, key=lambda e: e["validation"])
     phase = [e for e in trained.epochs if "warm_phase_validation" in e]
     row = {
-        "trained": trained_name,
+        "trained": trained.name,
         "model": model_override,
         "train": train_override,
+        "seed": seed,
         "groups": {
             g: {m: round(result.groups[g][m], 4) for m in ("recall@50", "ndcg@50", "ndcg@10")} for g in GROUPS
         },
@@ -115,7 +153,7 @@ def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str
         ),
         "seconds": round(trained.seconds, 1),
     }
-    log.info("%s: %s", name, json.dumps(row["groups"]))
+    log.info("%s (seed %d): %s", trained.name, seed, json.dumps(row["groups"]))
     return row
 
 
@@ -157,6 +195,12 @@ def main() -> None:
         "--variants", default="all", help="semicolon-separated names of VARIANTS or REFERENCES, or all"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "model_choices")
+    parser.add_argument(
+        "--seeds",
+        default="",
+        help="comma-separated training seeds: each variant is trained once per seed and the means and "
+        "standard deviations go to OUT_seeds.json / .md (default: the one seed of the settings, into OUT)",
+    )
     args = parser.parse_args()
     names = chosen_variants(args.variants)
     setup_logging()
@@ -164,6 +208,9 @@ def main() -> None:
     set_torch_threads(settings.train)
     data = load_dataset(str(args.data_dir))
     context = build_context(data, settings)
+    if args.seeds:
+        measure_seeds(names, [int(s) for s in args.seeds.split(",")], context, settings, args.out)
+        return
     json_path = args.out.with_suffix(".json")
     previous = json.loads(json_path.read_text()) if json_path.exists() else {}
     rows = {
@@ -173,12 +220,58 @@ def main() -> None:
     }
     for name in names:
         started = time.perf_counter()
-        rows[name] = measure(name, context, settings)
+        rows.update(measure(name, context, settings))
         log.info("%s measured in %.0fs", name, time.perf_counter() - started)
         summary = {"dataset": data.name, "seed": settings.train.seed, "variants": rows}
         json_path.write_text(json.dumps(summary, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(markdown(rows, data.name, settings.train.seed))
     print(markdown(rows, data.name, settings.train.seed))
+
+
+def measure_seeds(
+    names: list[str], seeds: list[int], context: TrainingContext, settings: Settings, out: Path
+) -> None:
+    """Every variant once per seed (seed by seed, so that a stopped run has whole seeds); the rows are
+    kept per seed, with the runs of earlier invocations for other seeds or variants."""
+    json_path = out.with_name(out.name + "_seeds.json")
+    previous = json.loads(json_path.read_text()) if json_path.exists() else {}
+    runs: dict[str, dict[str, Any]] = previous.get("variants", {})
+    for seed in seeds:
+        seeded = settings.model_copy(update={"train": settings.train.model_copy(update={"seed": seed})})
+        for name in names:
+            for measured, row in measure(name, context, seeded).items():
+                runs.setdefault(measured, {})[str(seed)] = row
+            json_path.write_text(
+                json.dumps({"dataset": context.data.name, "variants": runs}, indent=2) + "\n"
+            )
+            json_path.with_suffix(".md").write_text(seeds_markdown(runs, context.data.name))
+    print(seeds_markdown(runs, context.data.name))
+
+
+def seeds_markdown(runs: dict[str, dict[str, Any]], dataset: str) -> str:
+    lines = [
+        f"Validation users of {dataset}; Recall@50 / NDCG@50 per group as mean ± standard deviation over "
+        "the training seeds listed (each run's own figures are in the JSON).",
+        "",
+        "| variant | seeds | " + " | ".join(GROUPS) + " |",
+        "|---|---|" + "---|" * len(GROUPS),
+    ]
+    for name, by_seed in runs.items():
+        cells = []
+        for group in GROUPS:
+            recall, ndcg = (
+                [row["groups"][group][metric] for row in by_seed.values()]
+                for metric in ("recall@50", "ndcg@50")
+            )
+            cells.append(f"{mean_std(recall)} / {mean_std(ndcg)}")
+        lines.append(f"| {name} | {', '.join(sorted(by_seed))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
 if __name__ == "__main__":
