@@ -13,6 +13,7 @@ import pytest
 import torch
 from model_fixtures import one_torch_thread
 
+from index_builder.vectors import fold_bias, query_vectors
 from model.artifacts import (
     CONTENT_FILES,
     FEATURES_FILE,
@@ -332,3 +333,29 @@ def test_checkpoint_round_trip_gives_the_same_scores(exported: Exported, tmp_pat
         loaded.net.user_tower.attention.group_embeddings, trained.net.user_tower.attention.group_embeddings
     )
     assert float(trained.net.user_tower.attention.group_embeddings.abs().sum()) > 0  # groups were fitted
+
+
+@pytest.mark.parametrize("update", [{"expert_mixing": "score"}, {"similarity": "dot"}])
+def test_the_scoring_options_export_what_they_score(update: dict[str, str], tmp_path: Path) -> None:
+    """Score mixing (2d-wide vectors) and the inner product (no unit norms, scale 1) export a tower and
+    an item table whose folded inner product is the net's score_all, as the cosine model's do."""
+    data = generate_synthetic(n_users=200, n_items=80, seed=8)
+    split = split_users(data)
+    encoder = FeatureEncoder.fit(data, split.train, FeatureConfig(max_history=20))
+    context = TrainingContext.build(data, split, encoder)
+    config = MODEL_CONFIG.model_copy(update=update)
+    with one_torch_thread():
+        trained = fit_cold_warm_net(context, config, TRAIN_CONFIG, progress=False)
+    export_model(trained, tmp_path, data_fingerprint(data), data.name, {})
+    artifacts = load_artifacts(tmp_path)
+    points = build_eval_points(data, split.test, history_lengths=(0, 1, 5), n_targets=10)
+    users = tensors(encode_points(points, data.users, encoder))
+    with torch.no_grad():
+        embedding, bias, _ = artifacts.user_tower(*users)
+        expected = trained.net.score_all(*users).numpy()
+    width = 2 * config.embedding_dim if update.get("expert_mixing") == "score" else config.embedding_dim
+    assert embedding.shape[1] == artifacts.items.embeddings.shape[1] == width
+    assert (artifacts.scale == 1.0) == (update.get("similarity") == "dot")
+    folded = fold_bias(artifacts.items.embeddings, artifacts.items.bias, artifacts.scale)
+    served = query_vectors(embedding.numpy()) @ folded.T + bias.numpy()[:, None]
+    np.testing.assert_allclose(served, expected, atol=1e-4)
