@@ -89,8 +89,10 @@ class ModelConfig(BaseModel):
         "product <e_u, e_i> (as SASRec and YouTubeDNN score), so that a vector's norm can say how "
         "sure a user's reading is or how popular an item is",
     )
+    # Score mixing with a warm phase (TrainConfig.warm_phase_epochs) measured best over three
+    # validation seeds (README "Model and training choices"); embedding is the paper's form.
     expert_mixing: Literal["embedding", "score"] = Field(
-        "embedding",
+        "score",
         description="embedding: the paper's e_u = w_cold·e_cold + w_warm·e_warm against one item tower; "
         "score: each expert has its own item tower and the gate mixes the two experts' scores, "
         "w_cold·s(e_cold, e_i^cold) + w_warm·s(e_warm, e_i^warm), still one inner product of the "
@@ -153,7 +155,7 @@ class TrainConfig(BaseModel):
         "every history length the same total weight (short histories are rare among prefix samples)",
     )
     warm_phase_epochs: int = Field(
-        0,
+        8,
         ge=0,
         description="Cold & Warm Net only: after the main loop (stopped on validation_group), up to this "
         "many epochs that train the warm side alone (its history reading, the warm expert, its item "

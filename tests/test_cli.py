@@ -308,7 +308,10 @@ def test_run_writes_a_checkpoint_with_the_environments_settings(job: RunOutput) 
     assert trained.train_config.epochs == 1  # --epochs beats the default of 8
     assert trained.train_config.pretrain_epochs == 1
     assert trained.train_config.batch_size == 256
-    assert len(trained.epochs) == 1
+    main = [e for e in trained.epochs if "validation" in e]
+    phase = [e for e in trained.epochs if "warm_phase_validation" in e]
+    assert len(main) == 1 and 1 <= len(phase) <= trained.train_config.warm_phase_epochs
+    assert len(trained.epochs) == len(main) + len(phase)
 
 
 def test_run_writes_the_report(job: RunOutput) -> None:
@@ -345,7 +348,7 @@ def test_run_exports_a_version_named_in_latest(job: RunOutput) -> None:
     assert manifest["metrics"]["groups"] == report["results"]["cold_warm_net"]["groups"]
     artifacts = load_artifacts(job.artifacts_dir)
     assert artifacts.version == version
-    assert artifacts.items.embeddings.shape[1] == 16
+    assert artifacts.items.embeddings.shape[1] == 2 * 16  # the experts' item spaces side by side
 
 
 def test_export_of_the_runs_checkpoint_reproduces_the_version(job: RunOutput, tmp_path: Path) -> None:

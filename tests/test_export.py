@@ -40,6 +40,8 @@ from model.settings import FeatureConfig, ModelConfig, TrainConfig
 from model.train import TrainedModel, TrainingContext, fit_cold_warm_net
 
 MODEL_CONFIG = ModelConfig(embedding_dim=16, hidden_dim=32, feature_dim=8, n_user_groups=8, bias_features=6)
+# The default mixes the experts' scores: user and item vectors are the two experts' halves side by side.
+WIDTH = 2 * MODEL_CONFIG.embedding_dim
 # torch 2.13 deprecates TorchScript (jit.script/save/load), which the artifacts are made of.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 
@@ -102,7 +104,7 @@ def test_torchscript_user_tower_matches_the_eager_one(exported: Exported) -> Non
         assert a.shape == b.shape, name
         assert float((a - b).abs().max()) <= 1e-5, name
     embedding, bias, gate = scripted
-    assert embedding.shape == (len(users.profile), MODEL_CONFIG.embedding_dim)
+    assert embedding.shape == (len(users.profile), WIDTH)
     torch.testing.assert_close(gate.sum(dim=1), torch.ones(len(gate)))
     assert float(bias.std()) > 0  # the bias net is exported and active
 
@@ -116,7 +118,8 @@ def test_items_table_equals_the_nets_item_side(exported: Exported) -> None:
     np.testing.assert_allclose(artifacts.items.embeddings, embeddings.numpy(), atol=1e-6)
     np.testing.assert_allclose(artifacts.items.bias, bias.numpy(), atol=1e-6)
     assert artifacts.items.embeddings.dtype == np.float32 and artifacts.items.bias.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(artifacts.items.embeddings, axis=1), 1.0, atol=1e-5)
+    for half in np.split(artifacts.items.embeddings, 2, axis=1):  # each expert's item vector: unit norm
+        np.testing.assert_allclose(np.linalg.norm(half, axis=1), 1.0, atol=1e-5)
     with np.load(exported.directory / ITEMS_FILE) as arrays:
         assert arrays["item_ids"].dtype == np.int64
 
@@ -156,7 +159,7 @@ def test_manifest_and_latest(exported: Exported) -> None:
     assert 1 <= len(manifest["bias_features"]) <= MODEL_CONFIG.bias_features
     assert manifest["metrics"] == {"recall@50": 0.5}
     assert manifest["n_items"] == len(trained.encoder.catalog_item_ids)
-    assert manifest["embedding_dim"] == MODEL_CONFIG.embedding_dim
+    assert manifest["embedding_dim"] == WIDTH  # the width of the vectors the index holds
     assert (exported.root / LATEST_FILE).read_text().strip() == directory.name
     artifacts = load_artifacts(exported.root)
     assert artifacts.directory == directory
@@ -335,10 +338,13 @@ def test_checkpoint_round_trip_gives_the_same_scores(exported: Exported, tmp_pat
     assert float(trained.net.user_tower.attention.group_embeddings.abs().sum()) > 0  # groups were fitted
 
 
-@pytest.mark.parametrize("update", [{"expert_mixing": "score"}, {"similarity": "dot"}])
+@pytest.mark.parametrize(
+    "update", [{"expert_mixing": "embedding"}, {"expert_mixing": "embedding", "similarity": "dot"}]
+)
 def test_the_scoring_options_export_what_they_score(update: dict[str, str], tmp_path: Path) -> None:
-    """Score mixing (2d-wide vectors) and the inner product (no unit norms, scale 1) export a tower and
-    an item table whose folded inner product is the net's score_all, as the cosine model's do."""
+    """The paper's embedding mixing (d-wide vectors) and the inner product (no unit norms, scale 1)
+    export a tower and an item table whose folded inner product is the net's score_all, as the
+    default's do."""
     data = generate_synthetic(n_users=200, n_items=80, seed=8)
     split = split_users(data)
     encoder = FeatureEncoder.fit(data, split.train, FeatureConfig(max_history=20))
@@ -353,8 +359,7 @@ def test_the_scoring_options_export_what_they_score(update: dict[str, str], tmp_
     with torch.no_grad():
         embedding, bias, _ = artifacts.user_tower(*users)
         expected = trained.net.score_all(*users).numpy()
-    width = 2 * config.embedding_dim if update.get("expert_mixing") == "score" else config.embedding_dim
-    assert embedding.shape[1] == artifacts.items.embeddings.shape[1] == width
+    assert embedding.shape[1] == artifacts.items.embeddings.shape[1] == config.embedding_dim
     assert (artifacts.scale == 1.0) == (update.get("similarity") == "dot")
     folded = fold_bias(artifacts.items.embeddings, artifacts.items.bias, artifacts.scale)
     served = query_vectors(embedding.numpy()) @ folded.T + bias.numpy()[:, None]

@@ -310,7 +310,8 @@ def test_build_index_artifacts_writes_manifest_and_latest(tiny) -> None:
         assert field in manifest, field
     assert manifest["index_version"] == version_dir.name
     assert manifest["model_version"] == artifacts.version
-    assert (manifest["n_items"], manifest["dim"]) == (40, 9)
+    # The default net mixes its experts' scores: 2 × 8 wide, plus the folded bias.
+    assert (manifest["n_items"], manifest["dim"]) == (40, 17)
     assert manifest["built_on"] == "cpu" and manifest["type"] == "flat"
     assert manifest["recall_at_40"] == pytest.approx(1.0)
     assert manifest["recall_queries"] == 50 and manifest["recall_query_source"].startswith("users:")
@@ -339,8 +340,11 @@ def test_user_queries_cover_empty_and_long_histories(tiny) -> None:
     points = sample_points(data, 200, seed=0)
     assert min(p.h for p in points) == 0 and max(p.h for p in points) >= 20
     queries = sample_user_queries(load_artifacts(root), data, 200, seed=0)
-    assert queries.shape == (200, 9) and queries.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(queries[:, :8], axis=1), 1.0, rtol=1e-5)
+    assert queries.shape == (200, 17) and queries.dtype == np.float32
+    # [w_cold · ê_cold ; w_warm · ê_warm ; 1]: each half is a unit vector scaled by its gate weight.
+    halves = np.linalg.norm(queries[:, :8], axis=1) + np.linalg.norm(queries[:, 8:16], axis=1)
+    np.testing.assert_allclose(halves, 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(queries[:, 16], 1.0)
 
 
 def test_load_index_accepts_each_level_of_the_layout(tiny) -> None:

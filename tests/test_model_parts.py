@@ -358,7 +358,8 @@ def test_score_all_is_scaled_cosine_plus_both_biases(world) -> None:
     encoder, samples = world
     torch.manual_seed(2)
     user_names = list(USER_BIAS_CANDIDATES)
-    net = ColdWarmNet(encoder, SMALL, user_bias_columns=[0, 4, 5], item_bias_columns=[0, 2, 3]).eval()
+    config = SMALL.model_copy(update={"expert_mixing": "embedding"})  # the paper's form
+    net = ColdWarmNet(encoder, config, user_bias_columns=[0, 4, 5], item_bias_columns=[0, 2, 3]).eval()
     net.user_tower.attention.set_groups(torch.randn(SMALL.n_user_groups, SMALL.embedding_dim))
     with torch.no_grad():
         net.log_scale.fill_(math.log(3.7))
@@ -391,7 +392,8 @@ def test_score_all_is_scaled_cosine_plus_both_biases(world) -> None:
 def test_dot_similarity_scores_the_raw_mixed_vectors_with_a_fixed_unit_scale(world) -> None:
     encoder, samples = world
     torch.manual_seed(3)
-    net = ColdWarmNet(encoder, SMALL.model_copy(update={"similarity": "dot"}), [0, 4], [0, 2]).eval()
+    config = SMALL.model_copy(update={"similarity": "dot", "expert_mixing": "embedding"})
+    net = ColdWarmNet(encoder, config, [0, 4], [0, 2]).eval()
     assert float(net.scale) == 1.0 and "log_scale" not in dict(net.named_parameters())
     profile, history, state, _ = samples.batch(torch.arange(32))
     with torch.no_grad():

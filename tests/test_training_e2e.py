@@ -56,13 +56,16 @@ def test_cold_warm_net_beats_most_popular_on_warm_up_users(outcome: ExperimentOu
 def test_training_records_and_early_stopping_bookkeeping(outcome: ExperimentOutcome) -> None:
     trained = outcome.trained["cold_warm_net"]
     epochs = trained.epochs
-    assert 1 <= len(epochs) <= TRAIN.epochs
+    main = [e for e in epochs if "validation" in e]
+    phase = [e for e in epochs if "warm_phase_validation" in e]
+    assert 1 <= len(main) <= TRAIN.epochs and 1 <= len(phase) <= TRAIN.warm_phase_epochs
+    assert epochs == main + phase  # the warm phase comes after the main loop
     assert [e["epoch"] for e in epochs] == list(range(1, len(epochs) + 1))
     for record in epochs:
         assert math.isfinite(record["loss"]) and record["loss"] > 0
         assert 0.0 <= record["distilled"] <= 1.0  # fraction of samples distilled (DKD on)
-        assert 0.0 < record["validation"] <= 1.0
-    assert epochs[-1]["loss"] < epochs[0]["loss"]
+        assert 0.0 < record.get("validation", record.get("warm_phase_validation", 0.0)) <= 1.0
+    assert main[-1]["loss"] < main[0]["loss"]
     assert not trained.net.training
     assert trained.bias_features is not None and 1 <= len(trained.bias_features.names) <= MODEL.bias_features
 
