@@ -192,6 +192,13 @@ class RunReuse:
     stored_only: bool = False
 
 
+# The TrainConfig fields that only Cold & Warm Net's own recipe reads: left out of the baselines' keys
+# (as its ModelConfig switches are), and out of the samples' key, which they do not shape.
+COLD_WARM_NET_TRAIN_FIELDS: frozenset[str] = frozenset(
+    {"warm_phase_epochs", "warm_phase_validation_group", "warm_phase_validation_metric"}
+)
+
+
 def stored_run_key(name: str, context: TrainingContext, settings: Settings, config: TrainConfig) -> str:
     data = context.data
     identity = {
@@ -205,8 +212,12 @@ def stored_run_key(name: str, context: TrainingContext, settings: Settings, conf
     configs = {
         "features": settings.features.model_dump(mode="json"),
         "model": model_config.model_dump(mode="json", include=read),
-        "train": train_config.model_dump(mode="json", exclude={"torch_threads"}),
-        "samples": context.samples_config.model_dump(mode="json", exclude={"torch_threads"}),
+        "train": train_config.model_dump(
+            mode="json", exclude={"torch_threads", *(COLD_WARM_NET_TRAIN_FIELDS if read else ())}
+        ),
+        "samples": context.samples_config.model_dump(
+            mode="json", exclude={"torch_threads", *COLD_WARM_NET_TRAIN_FIELDS}
+        ),
     }
     return run_key(name, identity, configs)
 

@@ -206,12 +206,16 @@ def test_stored_runs_stand_in_only_for_the_models_asked_and_only_under_the_same_
     own_switch = settings.model_copy(
         update={"model": settings.model.model_copy(update={"warm_pooling": "attention"})}
     )
+    own_phase = settings.model_copy(
+        update={"train": settings.train.model_copy(update={"warm_phase_epochs": 3})}
+    )
     wider = settings.model_copy(update={"model": settings.model.model_copy(update={"embedding_dim": 32})})
-    for changed in (own_switch, wider):
+    for changed in (own_switch, own_phase, wider):
         run_experiments(
             context, changed, ["dssm"], progress=False, seeds=1, reuse=RunReuse(store, frozenset({"dssm"}))
         )
-    # A switch of Cold & Warm Net's own leaves the baseline's run valid; the baseline's own shape does not.
+    # A switch of Cold & Warm Net's own (model or training) leaves the baseline's run valid; the
+    # baseline's own shape does not.
     assert trainings == [("dssm", 3)]
 
     # One process per seed: --only-seeds trains one of the seeds; a later run takes it from the store.
