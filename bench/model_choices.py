@@ -25,6 +25,7 @@ from typing import Any
 from coldwarm.cli import build_context, setup_logging
 from model.data.loading import load_dataset
 from model.evaluation.protocol import evaluate, gate_cold_means
+from model.evaluation.seeds import sample_std
 from model.experiments import train_variant
 from model.nn.cold_warm_net import ColdWarmNet
 from model.ranker import ModelRanker
@@ -288,7 +289,7 @@ def seeds_markdown(runs: dict[str, dict[str, Any]], dataset: str) -> str:
 def mean_std(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+    return f"{statistics.mean(values):.4f} ± {sample_std(values):.4f}"
 
 
 if __name__ == "__main__":
