@@ -72,8 +72,9 @@ def main() -> None:
         "--runs-dir",
         type=Path,
         default=None,
-        help="where runs are stored and reused from (default COLDWARM_CACHE_DIR/runs); the README's "
-        "tables keep theirs in bench/results/runs, so a later session can reuse the baselines' runs",
+        help="where runs are stored and reused from (default COLDWARM_CACHE_DIR/runs); a directory that "
+        "outlasts the checkout lets a later run reuse the baselines' runs (not the repository: the runs "
+        "hold per-point figures of the data set's users)",
     )
     args = parser.parse_args()
     setup_logging()
