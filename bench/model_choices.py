@@ -27,10 +27,9 @@ from model.data.loading import load_dataset
 from model.evaluation.protocol import evaluate, gate_cold_means
 from model.evaluation.seeds import sample_std
 from model.experiments import train_variant
-from model.nn.cold_warm_net import ColdWarmNet
 from model.ranker import ModelRanker
 from model.settings import Settings
-from model.train import TrainedModel, TrainingContext, fit_warm_phase, set_torch_threads
+from model.train import TrainedModel, TrainingContext, continue_with_warm_phase, set_torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "ml-1m-first2999"
@@ -93,11 +92,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"expert_mixing": "score"}, {"warm_phase_epochs": 8}
     ),
 }
-# A variant with a warm phase -> the variant its main loop is: one training measures both.
-MAIN_LOOP_OF: dict[str, str] = {
-    "default, then a warm phase of up to 8 epochs": "default (warm: attention pooling)",
-    "score mixing, then a warm phase of up to 8 epochs": "score mixing (each expert its own item tower)",
-}
 # Baselines measured beside the variants on the same validation users, trained with their own recipe
 # (model/experiments.py), so a variant is judged against what it must beat, not only against itself.
 # name -> (trained model, train overrides).
@@ -110,7 +104,7 @@ REFERENCES: dict[str, tuple[str, dict[str, Any]]] = {
 
 def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str, dict[str, Any]]:
     """Rows of one training: the variant's; for a variant with a warm phase, also the row of the
-    variant its main loop is (``MAIN_LOOP_OF``), measured on the same net before the phase."""
+    variant its main loop is (``main_loop_variant``), measured on the same net before the phase."""
     trained_name, train_override = REFERENCES.get(name, ("cold_warm_net", {}))
     model_override, variant_train = VARIANTS.get(name, ({}, {}))
     train_override = train_override | variant_train
@@ -121,18 +115,20 @@ def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str
     trained = train_variant(trained_name, context, model_config, main_loop, None, progress=False)
     if train_config.warm_phase_epochs:
         main_override = {k: v for k, v in train_override.items() if k != "warm_phase_epochs"}
-        rows[MAIN_LOOP_OF[name]] = measured_row(
+        rows[main_loop_variant(name)] = measured_row(
             trained, context, model_override, main_override, main_loop.seed
         )
-        started = time.perf_counter()
-        assert isinstance(trained.net, ColdWarmNet)
-        trained.epochs += fit_warm_phase(
-            trained.net, context, model_config, train_config, name, False, len(trained.epochs)
-        )
-        trained.net.eval()
-        trained.seconds += time.perf_counter() - started
+        continue_with_warm_phase(trained, context, train_config, progress=False)
     rows[name] = measured_row(trained, context, model_override, train_override, train_config.seed)
     return rows
+
+
+def main_loop_variant(name: str) -> str:
+    """The variant that is ``name``'s main loop alone (its overrides, without a warm phase): one
+    training measures both."""
+    model, train = VARIANTS[name]
+    alone = (model, train | NO_WARM_PHASE)
+    return next(other for other, overrides in VARIANTS.items() if overrides == alone)
 
 
 def measured_row(

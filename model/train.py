@@ -547,11 +547,22 @@ def fit_cold_warm_net(
         net.user_tower.attention.set_groups(group_embeddings)
     trained = fit_two_tower(context, net, model_config, config, name, progress, selection, started)
     if config.warm_phase_epochs and model_config.use_cold_expert and model_config.use_warm_expert:
-        main_epochs = len(trained.epochs)
-        trained.epochs += fit_warm_phase(net, context, model_config, config, name, progress, main_epochs)
-        net.eval()
-        trained.seconds = time.perf_counter() - started
+        continue_with_warm_phase(trained, context, config, progress)
     return trained
+
+
+def continue_with_warm_phase(
+    trained: TrainedModel, context: TrainingContext, config: TrainConfig, progress: bool
+) -> None:
+    """``fit_warm_phase`` on a trained Cold & Warm Net, in place: its records follow the main loop's,
+    its seconds are added, and the net is handed back in eval mode."""
+    started = time.perf_counter()
+    assert isinstance(trained.net, ColdWarmNet)
+    trained.epochs += fit_warm_phase(
+        trained.net, context, trained.model_config, config, trained.name, progress, len(trained.epochs)
+    )
+    trained.net.eval()
+    trained.seconds += time.perf_counter() - started
 
 
 def fit_two_tower(
