@@ -123,13 +123,17 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 class ServerProcess:
-    """``python -m uvicorn --factory service.app:app_factory`` on 127.0.0.1 and a free port, one worker.
+    """``python -m uvicorn --factory service.app:app_factory`` on 127.0.0.1 and a free port, ``workers``
+    worker processes (one: the server is that process; more: a supervisor and its workers).
 
     Use as a context manager: the process is terminated (then killed) on exit, whatever happened.
     """
 
-    def __init__(self, env: dict[str, str], cwd: Path, ready_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self, env: dict[str, str], cwd: Path, ready_timeout_s: float = 300.0, workers: int = 1
+    ) -> None:
         self.env = env
+        self.workers = workers
         self.cwd = cwd
         self.ready_timeout_s = ready_timeout_s
         self.port = 0
@@ -165,7 +169,7 @@ class ServerProcess:
     def _start(self) -> None:
         command = [
             sys.executable, "-m", "uvicorn", "--factory", "service.app:app_factory",
-            "--host", HOST, "--port", str(self.port), "--workers", "1",
+            "--host", HOST, "--port", str(self.port), "--workers", str(self.workers),
             "--log-level", "warning", "--no-access-log",
             # Longer than any idle gap of the load generator's pooled connections.
             "--timeout-keep-alive", "120",
@@ -649,17 +653,52 @@ def arrival_offsets(
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def process_cpu_seconds(pid: int | tuple[int, int]) -> float | None:
-    """utime + stime of process ``pid`` (all its threads) from /proc/<pid>/stat, or of one thread for
-    (pid, tid) from /proc/<pid>/task/<tid>/stat; None when unreadable."""
-    path = f"/proc/{pid[0]}/task/{pid[1]}/stat" if isinstance(pid, tuple) else f"/proc/{pid}/stat"
+@dataclass(frozen=True)
+class ProcessTree:
+    """A process and every process below it (``uvicorn --workers N``: the supervisor and its
+    workers); ``main_threads`` counts each one's main thread alone (the workers' event loops)."""
+
+    root: int
+    main_threads: bool = False
+
+
+CpuTarget = int | tuple[int, int] | ProcessTree
+
+
+def _stat_fields(path: str) -> list[bytes] | None:
+    """The fields of a /proc stat file after the command name, from the 3rd (state) on."""
     try:
         raw = Path(path).read_bytes()
     except OSError:
         return None
     # The command name (2nd field) may hold spaces and parentheses: the fields after its last ')'.
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # fields 14 and 15 of proc(5)
+    return raw[raw.rindex(b")") + 2 :].split()
+
+
+def descendants(root: int) -> list[int]:
+    """``root`` and every live process below it, from the parent pids of /proc/<pid>/stat."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat_fields(f"/proc/{entry.name}/stat")):
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        pending.extend(children.get(pid, ()))
+    return found
+
+
+def process_cpu_seconds(target: CpuTarget) -> float | None:
+    """utime + stime from /proc: of process ``pid`` (all its threads), of one thread for (pid, tid),
+    or summed over a ``ProcessTree``; None when the process (the tree's root) is unreadable."""
+    if isinstance(target, ProcessTree):
+        pids = descendants(target.root)
+        spent = [process_cpu_seconds((pid, pid) if target.main_threads else pid) for pid in pids]
+        return None if spent[0] is None else sum(s for s in spent if s is not None)
+    path = f"/proc/{target[0]}/task/{target[1]}/stat" if isinstance(target, tuple) else f"/proc/{target}/stat"
+    fields = _stat_fields(path)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # proc(5) 14, 15
 
 
 def machine_cpu_ticks() -> tuple[int, int] | None:
@@ -680,7 +719,7 @@ class CpuSample:
     machine: tuple[int, int] | None
 
     @classmethod
-    def take(cls, pids: dict[str, int | tuple[int, int]]) -> CpuSample:
+    def take(cls, pids: dict[str, CpuTarget]) -> CpuSample:
         return cls(
             time.perf_counter(), {n: process_cpu_seconds(p) for n, p in pids.items()}, machine_cpu_ticks()
         )
@@ -711,7 +750,7 @@ async def run_phase(
     max_connections: int,
     arrivals: str = "uniform",
     seed: int | Sequence[int] = 0,
-    cpu_pids: dict[str, int | tuple[int, int]] | None = None,
+    cpu_pids: dict[str, CpuTarget] | None = None,
 ) -> PhaseResult:
     """Sends ``requests`` (cycled) at ``rate`` per second for warmup_s + duration_s, open loop.
 

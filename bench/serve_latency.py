@@ -89,7 +89,9 @@ from _serve_common import (  # noqa: E402  (bench/ is not a package)
     BenchError,
     Connection,
     CpuSample,
+    CpuTarget,
     PhaseResult,
+    ProcessTree,
     ServerProcess,
     connect_redis,
     cpu_between,
@@ -156,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     http.add_argument("--max-batch", type=int, default=64, help="COLDWARM_MAX_BATCH of the batching server")
     http.add_argument("--batch-wait-us", type=float, default=0.0, help="its COLDWARM_BATCH_WAIT_US")
+    http.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="uvicorn worker processes of each service (CPU time summed over them and their supervisor)",
+    )
     http.add_argument("--arrivals", choices=ARRIVALS, default="poisson", help="open-loop schedule")
     http.add_argument("--repeat-rate", type=float, default=500.0, help="rate of the repeated p99 phases")
     http.add_argument("--repeats", type=int, default=5, help="phases per mode at --repeat-rate (0: none)")
@@ -399,7 +407,7 @@ class Mode:
     batch_wait_us: float
     server: ServerProcess
     requests: list[bytes]
-    cpu_pids: dict[str, int | tuple[int, int]]
+    cpu_pids: dict[str, CpuTarget]
 
     @property
     def batching(self) -> bool:
@@ -738,6 +746,14 @@ def redis_pid(url: str) -> int | None:
     return pid if pid and Path(f"/proc/{pid}/stat").exists() else None
 
 
+def server_cpu_targets(pid: int, workers: int) -> dict[str, CpuTarget]:
+    """What run_phase reads as "server" and "server_loop": the process and its main thread, or with
+    several workers the supervisor and every worker, and each worker's main thread."""
+    if workers == 1:
+        return {"server": pid, "server_loop": (pid, pid)}
+    return {"server": ProcessTree(pid), "server_loop": ProcessTree(pid, main_threads=True)}
+
+
 def serve_scenario(
     info: ScenarioInfo, artifacts_dir: Path, prefix: str, user_ids: np.ndarray, args: argparse.Namespace
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -759,11 +775,13 @@ def serve_scenario(
                 f"items, max batch {max_batch}, wait {wait_us:g} µs)"
             )
             started = time.perf_counter()
-            server = stack.enter_context(ServerProcess(env, REPO))
+            server = stack.enter_context(ServerProcess(env, REPO, workers=args.workers))
             log(f"  ready on {server.url} after {time.perf_counter() - started:.1f}s")
             assert server.process is not None
-            pid = server.process.pid
-            pids: dict[str, int | tuple[int, int]] = {"server": pid, "server_loop": (pid, pid), **shared_pids}
+            pids: dict[str, CpuTarget] = {
+                **server_cpu_targets(server.process.pid, args.workers),
+                **shared_pids,
+            }
             requests = request_pool(server.port, user_ids, args)
             modes.append(Mode(name, max_batch, wait_us, server, requests, pids))
             envs[name] = env
@@ -775,7 +793,13 @@ def serve_scenario(
         if args.batch_seconds > 0 and args.batch_callers:
             for mode in modes:
                 if mode.batching:
-                    endpoint.append({"scenario": info.scenario, **batch_endpoint(mode, user_ids, args)})
+                    endpoint.append(
+                        {
+                            "scenario": info.scenario,
+                            "workers": args.workers,
+                            **batch_endpoint(mode, user_ids, args),
+                        }
+                    )
     summaries = []
     for name, result in results.items():
         env = envs[name]
@@ -784,6 +808,7 @@ def serve_scenario(
                 "scenario": info.scenario,
                 "catalog_size": info.catalog_size,
                 "index_type": info.index_type,
+                "workers": args.workers,
                 **result,
                 "criteria": {
                     "p99_ms": args.slo_p99_ms,
@@ -1319,7 +1344,7 @@ def comparison_table(result: dict[str, Any]) -> str:
         sizes = s.get("batch_sizes_at_max") or {}
         p99s = ", ".join(_fmt(v, 2) for v in s.get("p99_at_repeat_rate_values_ms") or [])
         return [
-            f"{_fmt(s['max_batch'])} / {_fmt(s['batch_wait_us'], 0)} µs",
+            f"{_fmt(s['max_batch'])} / {_fmt(s['batch_wait_us'], 0)} µs / {s.get('workers', 1)}",
             _fmt(s["max_sustained_rps"], 0),
             f"{_fmt(s['p99_at_repeat_rate_ms'], 2)} ({p99s})",
             f"{s.get('repeats_passed')}/{len(s.get('p99_at_repeat_rate_values_ms') or [])}",
@@ -1338,7 +1363,7 @@ def comparison_table(result: dict[str, Any]) -> str:
 
     per_call = (result.get("batch_endpoint") or [{}])[0].get("users_per_call", "–")
     rows = [
-        "max batch / batch wait",
+        "max batch / batch wait / workers",
         f"highest rate held, rps (p99 <= {summaries[0]['criteria']['p99_ms']:g} ms)",
         f"p99 at {_fmt(summaries[0].get('repeat_rate'), 0)} rps, ms: median (each run)",
         "runs at that rate that held",
