@@ -17,7 +17,7 @@ import torch
 
 from model.artifacts import data_fingerprint
 from model.baselines.ease import tune_lambda
-from model.baselines.popular import MostPopular, SegmentPopular
+from model.baselines.popular import MostPopular, OnboardingPopular, SegmentPopular
 from model.baselines.sasrec import SASRec
 from model.baselines.two_tower import DSSM, YouTubeDNN
 from model.evaluation.bootstrap import Significance, compare_with_best_baselines
@@ -42,7 +42,7 @@ ABLATIONS: dict[str, dict[str, bool]] = {
     "cold_expert_only": {"use_warm_expert": False},
     "warm_expert_only": {"use_cold_expert": False},
 }
-HEURISTIC_BASELINES: tuple[str, ...] = ("most_popular", "segment_popular", "ease")
+HEURISTIC_BASELINES: tuple[str, ...] = ("most_popular", "segment_popular", "onboarding_popular", "ease")
 LEARNT_BASELINES: dict[str, tuple[Callable[..., TwoTowerNet], str]] = {
     "dssm": (DSSM, "bce"),
     "youtube_dnn": (YouTubeDNN, "sampled_softmax"),
@@ -105,6 +105,11 @@ def heuristic_ranker(
         return MostPopular.fit(context.data, context.split.train, catalog)
     if name == "segment_popular":
         return SegmentPopular.fit(context.data, context.split.train, catalog)
+    if name == "onboarding_popular":
+        onboarding = OnboardingPopular.tuned(context.data, context.split, catalog)
+        details["onboarding_first_n"] = onboarding.first_n
+        details["onboarding_validation_recall@50"] = onboarding.validation
+        return onboarding
     tuning = tune_lambda(context.data, context.split, catalog)
     details["ease_lambda"] = tuning.best_lambda
     details["ease_validation_recall@50"] = tuning.validation

@@ -9,7 +9,13 @@ import pandas as pd
 import pytest
 
 from model.baselines.ease import Ease, tune_lambda
-from model.baselines.popular import MostPopular, SegmentPopular, lexicographic_scores
+from model.baselines.popular import (
+    MostPopular,
+    OnboardingPopular,
+    SegmentPopular,
+    first_action_counts,
+    lexicographic_scores,
+)
 from model.data.schema import InteractionData, make_interaction_data
 from model.data.split import UserSplit
 from model.evaluation.protocol import build_eval_points, evaluate, top_k
@@ -94,6 +100,46 @@ def test_segment_popular_scores_points_by_their_user(data: InteractionData) -> N
     assert scores.shape == (2, len(catalog)) and scores.dtype == np.float32
     assert ranking(scores[0], catalog)[:3] == [3, 4, 6]
     assert ranking(scores[1], catalog)[:3] == [1, 2, 3]
+
+
+def test_onboarding_popular_counts_each_train_users_first_actions(data: InteractionData) -> None:
+    catalog = data.catalog_item_ids()
+    # First actions: user 1 -> 3, users 2 and 3 -> 1; the test users' (4, 5) never count.
+    np.testing.assert_array_equal(first_action_counts(data, TRAIN, catalog, 1), [2, 0, 1] + [0] * 9)
+    model = OnboardingPopular.fit(data, TRAIN, catalog, first_n=1)
+    # 1 (first of two), 3 (first of one), then by overall popularity: 2 (two), 4, 5, 6 (one), the rest.
+    assert ranking(model.score(build_eval_points(data, [4], (0,)))[0], catalog) == [
+        1,
+        3,
+        2,
+        4,
+        5,
+        6,
+        *range(7, 13),
+    ]
+    # Over every action it is most-popular.
+    everything = OnboardingPopular.fit(data, TRAIN, catalog, first_n=100).scores
+    assert ranking(everything, catalog) == ranking(
+        MostPopular.fit(data, TRAIN, catalog).counts.astype(np.float32), catalog
+    )
+
+
+def test_onboarding_popular_takes_the_first_n_with_the_best_validation_recall() -> None:
+    onboarding, later = list(range(1, 6)), list(range(101, 161))
+    # Users 1-3 start with the onboarding titles, then rate the later ones; users 4-9 only rate the
+    # later ones, which are therefore the most popular overall (nine raters against three).
+    sequences = {u: onboarding + later for u in (1, 2, 3)}
+    sequences.update({u: list(later) for u in range(4, 10)})
+    sequences[10] = onboarding + list(range(161, 171))  # the validation user starts like users 1-3
+    data = make_data(sequences, n_items=200)
+    split = UserSplit(train=np.arange(1, 10), validation=np.array([10]), test=np.array([], dtype=np.int64))
+    catalog = data.catalog_item_ids()
+    model = OnboardingPopular.tuned(data, split, catalog, grid=(100, 6, 5))
+    # First 5 or 6 actions keep the onboarding titles in the top 50, first 100 pushes them out: the
+    # validation user's h = 0 targets (5 onboarding titles of 10) are found by 5 and 6 alike, and the
+    # tie goes to the smaller.
+    assert model.first_n == 5
+    assert model.validation[5] == model.validation[6] > model.validation[100]
 
 
 def test_lexicographic_scores_keep_exact_ties() -> None:

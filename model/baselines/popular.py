@@ -1,4 +1,5 @@
-"""Popularity baselines of the evaluation protocol: global most-popular and (gender, age)-segment popular.
+"""Popularity baselines of the evaluation protocol: global most-popular, (gender, age)-segment popular,
+and onboarding-popular (what train users chose among their first actions).
 
 Both rank with counts over *train* users only, so test users' own targets never leak into the scores.
 Ties on the count are left as equal scores on purpose: ``evaluate`` breaks them by lower catalog index,
@@ -13,9 +14,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model.data.schema import InteractionData
-from model.evaluation.protocol import EvalPoint, catalog_indices
+from model.data.split import UserSplit
+from model.evaluation.protocol import EvalPoint, build_eval_points, catalog_indices, evaluate
 
 SEGMENT_FIELDS: tuple[str, ...] = ("gender", "age")
+# How many of each train user's first actions onboarding-popular may count, and what picks among them
+# on the validation users (the group it is built for, and the figure Cold & Warm Net stops on).
+ONBOARDING_FIRST_N_GRID: tuple[int, ...] = (5, 10, 20, 50, 100)
+ONBOARDING_TUNING = ("cold_start", "recall@50")
 
 Segment = tuple[str, ...]
 
@@ -117,3 +123,66 @@ class SegmentPopular:
         if not points:
             return np.zeros((0, len(self.global_scores)), np.float32)
         return np.stack([self.scores_for_user(p.user_id) for p in points]).astype(np.float32)
+
+
+def first_action_counts(
+    data: InteractionData, user_ids: np.ndarray, catalog_item_ids: np.ndarray, first_n: int
+) -> np.ndarray:
+    """int64 (n_catalog,): how often each item is among the first ``first_n`` interactions of
+    ``user_ids``, in the protocol's order (time, then item id)."""
+    inter = data.interactions
+    chosen = inter[inter["user_id"].isin(np.asarray(user_ids, dtype=np.int64)).to_numpy()]
+    rank = chosen.groupby("user_id", sort=False).cumcount().to_numpy()
+    cols = catalog_indices(catalog_item_ids, chosen["item_id"].to_numpy(np.int64)[rank < first_n])
+    cols = cols[cols >= 0]
+    return np.bincount(cols, minlength=len(catalog_item_ids)).astype(np.int64)
+
+
+@dataclass
+class OnboardingPopular:
+    """Most popular among train users' first ``first_n`` actions, ties by overall popularity: what new
+    users choose first is not what everyone chooses (on MovieLens, the titles of the sign-up pages)."""
+
+    scores: np.ndarray  # float32 (n_catalog,)
+    first_n: int
+    validation: dict[int, float] = field(default_factory=dict)  # first_n -> tuning figure
+    name: str = "onboarding-popular"
+
+    @classmethod
+    def fit(
+        cls, data: InteractionData, train_user_ids: np.ndarray, catalog_item_ids: np.ndarray, first_n: int
+    ) -> OnboardingPopular:
+        if first_n < 1:
+            raise ValueError(f"first_n must be at least 1, got {first_n}")
+        first = first_action_counts(data, train_user_ids, catalog_item_ids, first_n)
+        overall = item_counts(data, train_user_ids, catalog_item_ids)
+        return cls(scores=lexicographic_scores(first, overall), first_n=first_n)
+
+    @classmethod
+    def tuned(
+        cls,
+        data: InteractionData,
+        split: UserSplit,
+        catalog_item_ids: np.ndarray,
+        grid: Sequence[int] = ONBOARDING_FIRST_N_GRID,
+    ) -> OnboardingPopular:
+        """The ``grid`` value with the best validation figure (``ONBOARDING_TUNING``); ties go to the
+        smaller one."""
+        points = build_eval_points(data, split.validation)
+        group, metric = ONBOARDING_TUNING
+        best: OnboardingPopular | None = None
+        validation: dict[int, float] = {}
+        for first_n in sorted(grid):
+            model = cls.fit(data, split.train, catalog_item_ids, first_n)
+            validation[first_n] = evaluate(model, points, catalog_item_ids, progress=False).groups[group][
+                metric
+            ]
+            if best is None or validation[first_n] > validation[best.first_n]:
+                best = model
+        if best is None:
+            raise ValueError("empty first_n grid")
+        best.validation = validation
+        return best
+
+    def score(self, points: Sequence[EvalPoint]) -> np.ndarray:
+        return _repeat(self.scores, len(points))
