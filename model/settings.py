@@ -89,6 +89,14 @@ class ModelConfig(BaseModel):
         "product <e_u, e_i> (as SASRec and YouTubeDNN score), so that a vector's norm can say how "
         "sure a user's reading is or how popular an item is",
     )
+    state_item_dims: int = Field(
+        0,
+        ge=0,
+        description="width of a term s·<g(state), v_i> added to every score: an item affinity that "
+        "depends on the user's state (how many actions, since when), so that what newcomers choose "
+        "first can differ from what everyone chooses; 0 leaves it out. Both vectors are appended to "
+        "e_u and e_i, so the score stays one inner product",
+    )
     # Score mixing with a warm phase (TrainConfig.warm_phase_epochs) measured best over three
     # validation seeds (README "Model and training choices"); embedding is the paper's form.
     expert_mixing: Literal["embedding", "score"] = Field(

@@ -429,8 +429,9 @@ def fit_user_groups(
             "use_bias_net": False,
             "use_dkd": False,
             # The groups live in the experts' own d-dimensional space, which is e_u only when the
-            # experts' embeddings (not their scores) are mixed.
+            # experts' embeddings (not their scores) are mixed, without the state term.
             "expert_mixing": "embedding",
+            "state_item_dims": 0,
         }
     )
     torch.manual_seed(config.seed)
@@ -451,10 +452,13 @@ def fit_user_groups(
 
 def cold_side_parameters(net: ColdWarmNet) -> list[torch.nn.Parameter]:
     """What ranks a user with no history: the profile tables, the cold expert and the group attention
-    it shares with the warm one, the (cold) item tower, both bias nets and the scale."""
+    it shares with the warm one, the (cold) item tower, both bias nets, the state term and the scale."""
     tower, scorer = net.user_tower, net.item_scorer
-    modules = (tower.profile, tower.expert_state, tower.cold, tower.user_bias, scorer.tower, scorer.item_bias)
-    parameters = [p for module in modules for p in module.parameters()]
+    modules = (
+        tower.profile, tower.expert_state, tower.cold, tower.user_bias, tower.state_items,
+        scorer.tower, scorer.item_bias, scorer.state_items,
+    )  # fmt: skip
+    parameters = [p for module in modules if module is not None for p in module.parameters()]
     return [*parameters, *([net.log_scale] if isinstance(net.log_scale, torch.nn.Parameter) else [])]
 
 

@@ -7,6 +7,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -339,12 +340,17 @@ def test_checkpoint_round_trip_gives_the_same_scores(exported: Exported, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "update", [{"expert_mixing": "embedding"}, {"expert_mixing": "embedding", "similarity": "dot"}]
+    "update",
+    [
+        {"expert_mixing": "embedding"},
+        {"expert_mixing": "embedding", "similarity": "dot"},
+        {"state_item_dims": 4},
+    ],
 )
-def test_the_scoring_options_export_what_they_score(update: dict[str, str], tmp_path: Path) -> None:
-    """The paper's embedding mixing (d-wide vectors) and the inner product (no unit norms, scale 1)
-    export a tower and an item table whose folded inner product is the net's score_all, as the
-    default's do."""
+def test_the_scoring_options_export_what_they_score(update: dict[str, Any], tmp_path: Path) -> None:
+    """The paper's embedding mixing (d-wide vectors), the inner product (no unit norms, scale 1) and
+    the state term (k more values) export a tower and an item table whose folded inner product is the
+    net's score_all, as the default's do."""
     data = generate_synthetic(n_users=200, n_items=80, seed=8)
     split = split_users(data)
     encoder = FeatureEncoder.fit(data, split.train, FeatureConfig(max_history=20))
@@ -359,7 +365,9 @@ def test_the_scoring_options_export_what_they_score(update: dict[str, str], tmp_
     with torch.no_grad():
         embedding, bias, _ = artifacts.user_tower(*users)
         expected = trained.net.score_all(*users).numpy()
-    assert embedding.shape[1] == artifacts.items.embeddings.shape[1] == config.embedding_dim
+    experts = 1 if config.expert_mixing == "embedding" else 2
+    width = experts * config.embedding_dim + config.state_item_dims
+    assert embedding.shape[1] == artifacts.items.embeddings.shape[1] == width
     assert (artifacts.scale == 1.0) == (update.get("similarity") == "dot")
     folded = fold_bias(artifacts.items.embeddings, artifacts.items.bias, artifacts.scale)
     served = query_vectors(embedding.numpy()) @ folded.T + bias.numpy()[:, None]

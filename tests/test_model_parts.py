@@ -444,6 +444,42 @@ def test_score_mixing_is_the_gated_sum_of_each_experts_cosine_in_its_own_item_sp
     torch.testing.assert_close(scripted(profile, history, state)[0], e_u)
 
 
+def test_the_state_term_adds_a_state_dependent_item_affinity_to_every_score(world) -> None:
+    """state_item_dims = k: the score gains s · <g(state), v_i>, as one inner product of the wider
+    vectors; users alike but for their state rank differently, and each expert's own vector still
+    scores as that expert alone."""
+    encoder, samples = world
+    torch.manual_seed(5)
+    config = SMALL.model_copy(update={"state_item_dims": 4})
+    net = ColdWarmNet(encoder, config, [], [0, 2]).eval()
+    plain = ColdWarmNet(encoder, SMALL, [], [0, 2]).eval()
+    plain.load_state_dict(net.state_dict(), strict=False)  # the same net without the term
+    with torch.no_grad():
+        net.log_scale.fill_(math.log(5.0))
+        plain.log_scale.fill_(math.log(5.0))
+        net.item_scorer.state_items.weight.normal_(std=1.0)
+    profile, history, state, _ = samples.batch(torch.arange(32))
+    with torch.no_grad():
+        scores = net.score_all(profile, history, state)
+        e_u, _, _, own_cold, own_warm = net.user_tower.experts(profile, history, state)
+        _, _, _, plain_cold, plain_warm = plain.user_tower.experts(profile, history, state)
+        e_i, _ = net.all_items()
+        plain_e_i, _ = plain.all_items()
+        g = net.user_tower.state_items(state)
+        v = net.item_scorer.state_items.weight
+        expected = plain.score_all(profile, history, state) + 5.0 * g @ v.t()
+        other_state = net.score_all(profile, history, state.roll(1, dims=0))
+    width = 2 * SMALL.embedding_dim + 4
+    assert e_u.shape == (32, width) and e_i.shape == (net.n_items, width)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
+    assert float((scores - other_state).abs().max()) > 1e-3
+    torch.testing.assert_close(own_cold @ e_i.t(), plain_cold @ plain_e_i.t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(own_warm @ e_i.t(), plain_warm @ plain_e_i.t(), atol=1e-5, rtol=1e-5)
+    scripted = torch.jit.script(net.user_tower)
+    torch.testing.assert_close(scripted(profile, history, state)[0], e_u)
+    assert torch.jit.script(plain.user_tower)(profile, history, state)[0].shape[1] == 2 * SMALL.embedding_dim
+
+
 def test_no_bias_net_means_zero_biases(world) -> None:
     encoder, samples = world
     net = ColdWarmNet(encoder, SMALL.model_copy(update={"use_bias_net": False}), [0, 1], [0, 1]).eval()

@@ -91,12 +91,16 @@ def test_training_is_reproducible() -> None:
     assert other.epochs[0]["loss"] != first.epochs[0]["loss"]
 
 
-@pytest.mark.parametrize("mixing", ["embedding", "score"])
-def test_the_warm_phase_trains_the_warm_side_and_leaves_the_cold_side_as_it_was(mixing: str) -> None:
+@pytest.mark.parametrize(("mixing", "state_item_dims"), [("embedding", 0), ("score", 0), ("score", 4)])
+def test_the_warm_phase_trains_the_warm_side_and_leaves_the_cold_side_as_it_was(
+    mixing: str, state_item_dims: int
+) -> None:
     """The cold side after main loop + warm phase equals the cold side after the main loop alone (same
     seed); the warm side moved; the phase's records carry their own validation figure."""
     context = context_for(300, 150, seed=3)
-    model = MODEL.model_copy(update={"n_user_groups": 8, "expert_mixing": mixing})
+    model = MODEL.model_copy(
+        update={"n_user_groups": 8, "expert_mixing": mixing, "state_item_dims": state_item_dims}
+    )
     train = TRAIN.model_copy(update={"epochs": 1, "seed": 0})
     with one_torch_thread():
         main_only = fit_cold_warm_net(context, model, train, progress=False)
@@ -118,7 +122,10 @@ def test_the_warm_phase_trains_the_warm_side_and_leaves_the_cold_side_as_it_was(
     assert all("warm_phase_validation" in e and "validation" not in e for e in phased.epochs[1:])
     assert [e["epoch"] for e in phased.epochs] == [1, 2, 3]
     before, after = main_only.net.state_dict(), phased.net.state_dict()
-    cold = ("user_tower.profile.", "user_tower.cold.", "item_scorer.tower.", "item_scorer.item_bias.")
+    cold = (
+        "user_tower.profile.", "user_tower.cold.", "user_tower.state_items.",
+        "item_scorer.tower.", "item_scorer.item_bias.", "item_scorer.state_items.",
+    )  # fmt: skip
     warm = ("user_tower.warm.trunk.", "user_tower.pooling.", "user_tower.gate.")
     for name, value in after.items():
         if name.startswith(cold) or name == "log_scale":
@@ -133,6 +140,8 @@ def test_the_warm_phase_trains_the_warm_side_and_leaves_the_cold_side_as_it_was(
     changed = [n for n, v in after.items() if not torch.equal(v, before[n])]
     moved = {n.split(".")[1] for n in changed if n.startswith(warm)}
     assert moved == {"warm", "pooling", "gate"}, moved
+    if state_item_dims:  # the term exists, and is frozen with the cold side (checked above)
+        assert any(n.startswith("item_scorer.state_items.") for n in after)
     if mixing == "score":
         warm_tower = [n for n in after if n.startswith("item_scorer.warm_tower.")]
         assert any(not torch.equal(after[n], before[n]) for n in warm_tower)

@@ -3,6 +3,10 @@
 score(u, i) = s · cos(e_u, e_i) + b_u + b_i, with e_u = w_cold · e_cold + w_warm · e_warm; with
 ``ModelConfig.similarity="dot"`` the towers' vectors are not normalised and s is fixed at 1.
 
+With ``ModelConfig.state_item_dims`` = k > 0, e_u gains g(state) (k values from the state features)
+and e_i gains v_i (k learnt values per item), adding s · <g(state), v_i> to every score: what a user
+at that state picks, whatever the profile and the history say.
+
 With ``ModelConfig.expert_mixing="score"`` each expert ranks in its own item space and the gate mixes
 the scores: score(u, i) = s · (w_cold · cos(e_cold, e_i^cold) + w_warm · cos(e_warm, e_i^warm)) + b_u
 + b_i, which is still one inner product, e_u = [w_cold · ê_cold ; w_warm · ê_warm] against
@@ -28,7 +32,7 @@ from model.nn.experts import (
 from model.nn.gate import StateGate
 from model.nn.group_attention import GroupAttention
 from model.nn.items import ItemInputEmbedding, ItemSideInputs, ItemTower, TowerItemInputs, item_tower_for
-from model.nn.layers import CategoricalEmbeddings
+from model.nn.layers import CategoricalEmbeddings, mlp
 from model.nn.two_tower import TwoTowerNet
 from model.settings import ModelConfig
 
@@ -89,6 +93,16 @@ def warm_expert(user_dim: int, attention: GroupAttention, config: ModelConfig) -
     )
 
 
+def state_item_term(
+    state_cardinalities: tuple[int, ...], feature_dim: int, hidden_dim: int, width: int
+) -> nn.Module | None:
+    """g(state) of the state term (``ModelConfig.state_item_dims``): state → (B, width); None at 0."""
+    if not width:
+        return None
+    embeddings = CategoricalEmbeddings(state_cardinalities, feature_dim)
+    return nn.Sequential(embeddings, mlp(embeddings.out_dim, hidden_dim, width))
+
+
 class UserTower(nn.Module):
     """(profile, history, state) → (normalised e_u, b_u, gate weights); what the service runs."""
 
@@ -122,6 +136,11 @@ class UserTower(nn.Module):
         )
         self.normalized = config.similarity == "cosine"
         self.mix_scores = config.expert_mixing == "score"
+        # g(state): an MLP over embeddings of its own (the gate's train on in the warm phase, this
+        # term is frozen with the cold side), k wide.
+        self.state_items = state_item_term(
+            encoder.state_cardinalities(), feature, hidden, config.state_item_dims
+        )
 
     @torch.jit.export
     def experts(
@@ -136,12 +155,38 @@ class UserTower(nn.Module):
         gate = self.gate(state)
         bias = self.user_bias(torch.cat([profile, state], dim=1))
         if self.mix_scores:
-            return self._score_mixture(e_cold, e_warm, gate, bias)
-        e_u = gate[:, 0:1] * e_cold + gate[:, 1:2] * e_warm
-        if self.normalized:
-            e_u = F.normalize(e_u, dim=1)
-        # The experts' own vectors stay normalised: distillation compares their directions.
-        return e_u, bias, gate, F.normalize(e_cold, dim=1), F.normalize(e_warm, dim=1)
+            e_u, bias, gate, own_cold, own_warm = self._score_mixture(e_cold, e_warm, gate, bias)
+        else:
+            e_u = gate[:, 0:1] * e_cold + gate[:, 1:2] * e_warm
+            if self.normalized:
+                e_u = F.normalize(e_u, dim=1)
+            # The experts' own vectors stay normalised: distillation compares their directions.
+            own_cold, own_warm = F.normalize(e_cold, dim=1), F.normalize(e_warm, dim=1)
+        if self.state_items is not None:
+            return self._with_state_items(e_u, bias, gate, own_cold, own_warm, state)
+        return e_u, bias, gate, own_cold, own_warm
+
+    def _with_state_items(
+        self,
+        e_u: torch.Tensor,
+        bias: torch.Tensor,
+        gate: torch.Tensor,
+        own_cold: torch.Tensor,
+        own_warm: torch.Tensor,
+        state: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """g(state) appended to e_u; the experts' own vectors get zeros there, so that each still
+        scores as that expert alone."""
+        assert self.state_items is not None
+        g = self.state_items(state)
+        zeros = torch.zeros_like(g)
+        return (
+            torch.cat([e_u, g], dim=1),
+            bias,
+            gate,
+            torch.cat([own_cold, zeros], dim=1),
+            torch.cat([own_warm, zeros], dim=1),
+        )
 
     def _score_mixture(
         self, e_cold: torch.Tensor, e_warm: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor
@@ -185,6 +230,13 @@ class ItemScorer(nn.Module):
             config.hidden_dim,
         )
         self.normalized = config.similarity == "cosine"
+        # v_i of the state term (UserTower.state_items), per catalog position; small, so it starts as
+        # a slight change to the scores.
+        self.state_items = (
+            nn.Embedding(items.n_items, config.state_item_dims) if config.state_item_dims else None
+        )
+        if self.state_items is not None:
+            nn.init.normal_(self.state_items.weight, std=0.01)
 
     @property
     def warm_item_tower(self) -> ItemTower:
@@ -195,6 +247,8 @@ class ItemScorer(nn.Module):
         vectors = self._normalized(self.tower(positions))
         if self.warm_tower is not None:
             vectors = torch.cat([vectors, self._normalized(self.warm_tower(positions))], dim=1)
+        if self.state_items is not None:
+            vectors = torch.cat([vectors, self.state_items(positions)], dim=1)
         return vectors, self.item_bias(self.bias_candidates[positions])
 
     def _normalized(self, vectors: torch.Tensor) -> torch.Tensor:
