@@ -62,7 +62,7 @@ log = logging.getLogger("coldwarm")
 DEFAULT_RUN_DIR = Path("runs/latest")
 PASS_TRAINING_DATA = "pass --data with the data the model was trained on"
 CHECKPOINT_FILE = "checkpoint.pt"
-QUICK_MODELS = (PRIMARY_MODEL, "most_popular", "segment_popular", "ease")
+QUICK_MODELS = (PRIMARY_MODEL, "most_popular", "segment_popular", "onboarding_popular", "ease")
 
 DataOption = Annotated[
     str | None,
