@@ -17,7 +17,7 @@ import torch
 
 from model.artifacts import data_fingerprint
 from model.baselines.ease import tune_lambda
-from model.baselines.popular import MostPopular, OnboardingPopular, SegmentPopular
+from model.baselines.popular import MostPopular, SegmentPopular, tune_first_n
 from model.baselines.sasrec import SASRec
 from model.baselines.two_tower import DSSM, YouTubeDNN
 from model.evaluation.bootstrap import Significance, compare_with_best_baselines
@@ -106,10 +106,10 @@ def heuristic_ranker(
     if name == "segment_popular":
         return SegmentPopular.fit(context.data, context.split.train, catalog)
     if name == "onboarding_popular":
-        onboarding = OnboardingPopular.tuned(context.data, context.split, catalog)
-        details["onboarding_first_n"] = onboarding.first_n
+        onboarding = tune_first_n(context.data, context.split, catalog)
+        details["onboarding_first_n"] = onboarding.best
         details["onboarding_validation_recall@50"] = onboarding.validation
-        return onboarding
+        return onboarding.model
     tuning = tune_lambda(context.data, context.split, catalog)
     details["ease_lambda"] = tuning.best_lambda
     details["ease_validation_recall@50"] = tuning.validation

@@ -13,8 +13,9 @@ from model.baselines.popular import (
     MostPopular,
     OnboardingPopular,
     SegmentPopular,
-    first_action_counts,
+    item_counts,
     lexicographic_scores,
+    tune_first_n,
 )
 from model.data.schema import InteractionData, make_interaction_data
 from model.data.split import UserSplit
@@ -105,7 +106,7 @@ def test_segment_popular_scores_points_by_their_user(data: InteractionData) -> N
 def test_onboarding_popular_counts_each_train_users_first_actions(data: InteractionData) -> None:
     catalog = data.catalog_item_ids()
     # First actions: user 1 -> 3, users 2 and 3 -> 1; the test users' (4, 5) never count.
-    np.testing.assert_array_equal(first_action_counts(data, TRAIN, catalog, 1), [2, 0, 1] + [0] * 9)
+    np.testing.assert_array_equal(item_counts(data, TRAIN, catalog, first_n=1), [2, 0, 1] + [0] * 9)
     model = OnboardingPopular.fit(data, TRAIN, catalog, first_n=1)
     # 1 (first of two), 3 (first of one), then by overall popularity: 2 (two), 4, 5, 6 (one), the rest.
     assert ranking(model.score(build_eval_points(data, [4], (0,)))[0], catalog) == [
@@ -134,12 +135,12 @@ def test_onboarding_popular_takes_the_first_n_with_the_best_validation_recall() 
     data = make_data(sequences, n_items=200)
     split = UserSplit(train=np.arange(1, 10), validation=np.array([10]), test=np.array([], dtype=np.int64))
     catalog = data.catalog_item_ids()
-    model = OnboardingPopular.tuned(data, split, catalog, grid=(100, 6, 5))
+    tuning = tune_first_n(data, split, catalog, grid=(100, 6, 5))
     # First 5 or 6 actions keep the onboarding titles in the top 50, first 100 pushes them out: the
     # validation user's h = 0 targets (5 onboarding titles of 10) are found by 5 and 6 alike, and the
     # tie goes to the smaller.
-    assert model.first_n == 5
-    assert model.validation[5] == model.validation[6] > model.validation[100]
+    assert tuning.best == tuning.model.first_n == 5
+    assert tuning.validation[5] == tuning.validation[6] > tuning.validation[100]
 
 
 def test_lexicographic_scores_keep_exact_ties() -> None:

@@ -7,7 +7,6 @@ empty history that is all zeros, so h = 0 falls back to most-popular, as the pro
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,9 +14,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from model.baselines.popular import item_counts
+from model.baselines.tuning import GridTuning, tune_on_validation
 from model.data.schema import InteractionData
 from model.data.split import UserSplit
-from model.evaluation.protocol import EvalPoint, build_eval_points, catalog_indices, evaluate
+from model.evaluation.protocol import EvalPoint, catalog_indices
 
 LAMBDA_GRID: tuple[float, ...] = (50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000)
 TUNING_METRIC = "recall@50"
@@ -103,12 +103,12 @@ class Ease:
         return scores
 
 
-@dataclass
-class EaseTuning:
-    best_lambda: float
-    validation: dict[float, float]  # lambda -> validation Recall@50 over all groups
-    seconds: dict[float, float]  # lambda -> fit + evaluation time
-    model: Ease = field(repr=False)  # fitted on train users at best_lambda
+class EaseTuning(GridTuning[Ease]):
+    """The tuning of lambda; ``validation`` is Recall@50 over all groups."""
+
+    @property
+    def best_lambda(self) -> float:
+        return self.best
 
 
 def tune_lambda(
@@ -119,20 +119,8 @@ def tune_lambda(
 ) -> EaseTuning:
     """Picks lambda maximising validation users' Recall@50 (all groups); ties go to the smaller lambda."""
     gram = gram_matrix(interaction_matrix(data, split.train, catalog))
-    points = build_eval_points(data, split.validation)
-    if not points:
-        raise ValueError("no validation points: every validation user has fewer than 10 interactions")
-    validation: dict[float, float] = {}
-    seconds: dict[float, float] = {}
-    best: Ease | None = None
-    for lam in grid:
-        start = time.perf_counter()
-        model = Ease.from_gram(gram, data, split.train, catalog, lam)
-        result = evaluate(model, points, catalog, progress=False)
-        validation[float(lam)] = result.groups["all"][TUNING_METRIC]
-        seconds[float(lam)] = time.perf_counter() - start
-        if best is None or validation[float(lam)] > validation[best.lam]:
-            best = model
-    if best is None:
-        raise ValueError("empty lambda grid")
-    return EaseTuning(best_lambda=best.lam, validation=validation, seconds=seconds, model=best)
+    tuning = tune_on_validation(
+        lambda lam: Ease.from_gram(gram, data, split.train, catalog, lam),
+        grid, data, split, catalog, "all", TUNING_METRIC,
+    )  # fmt: skip
+    return EaseTuning(tuning.best, tuning.validation, tuning.seconds, tuning.model)

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model.baselines.tuning import GridTuning, tune_on_validation
 from model.data.schema import InteractionData
 from model.data.split import UserSplit
-from model.evaluation.protocol import EvalPoint, build_eval_points, catalog_indices, evaluate
+from model.evaluation.protocol import EvalPoint, catalog_indices
 
 SEGMENT_FIELDS: tuple[str, ...] = ("gender", "age")
 # How many of each train user's first actions onboarding-popular may count, and what picks among them
@@ -26,10 +27,16 @@ ONBOARDING_TUNING = ("cold_start", "recall@50")
 Segment = tuple[str, ...]
 
 
-def item_counts(data: InteractionData, user_ids: np.ndarray, catalog_item_ids: np.ndarray) -> np.ndarray:
-    """int64 (n_catalog,): interactions of ``user_ids`` per catalog item."""
+def item_counts(
+    data: InteractionData, user_ids: np.ndarray, catalog_item_ids: np.ndarray, first_n: int | None = None
+) -> np.ndarray:
+    """int64 (n_catalog,): interactions of ``user_ids`` per catalog item; with ``first_n``, only each
+    user's first ``first_n``, in the protocol's order (time, then item id)."""
     inter = data.interactions
-    mask = inter["user_id"].isin(np.asarray(user_ids, dtype=np.int64)).to_numpy()
+    users = inter["user_id"]
+    mask = users.isin(np.asarray(user_ids, dtype=np.int64)).to_numpy()
+    if first_n is not None:  # rows are in the protocol's order, so a user's k-th row is their k-th action
+        mask = mask & (users.groupby(users, sort=False).cumcount().to_numpy() < first_n)
     cols = catalog_indices(catalog_item_ids, inter["item_id"].to_numpy(np.int64)[mask])
     cols = cols[cols >= 0]
     return np.bincount(cols, minlength=len(catalog_item_ids)).astype(np.int64)
@@ -125,19 +132,6 @@ class SegmentPopular:
         return np.stack([self.scores_for_user(p.user_id) for p in points]).astype(np.float32)
 
 
-def first_action_counts(
-    data: InteractionData, user_ids: np.ndarray, catalog_item_ids: np.ndarray, first_n: int
-) -> np.ndarray:
-    """int64 (n_catalog,): how often each item is among the first ``first_n`` interactions of
-    ``user_ids``, in the protocol's order (time, then item id)."""
-    inter = data.interactions
-    chosen = inter[inter["user_id"].isin(np.asarray(user_ids, dtype=np.int64)).to_numpy()]
-    rank = chosen.groupby("user_id", sort=False).cumcount().to_numpy()
-    cols = catalog_indices(catalog_item_ids, chosen["item_id"].to_numpy(np.int64)[rank < first_n])
-    cols = cols[cols >= 0]
-    return np.bincount(cols, minlength=len(catalog_item_ids)).astype(np.int64)
-
-
 @dataclass
 class OnboardingPopular:
     """Most popular among train users' first ``first_n`` actions, ties by overall popularity: what new
@@ -145,7 +139,6 @@ class OnboardingPopular:
 
     scores: np.ndarray  # float32 (n_catalog,)
     first_n: int
-    validation: dict[int, float] = field(default_factory=dict)  # first_n -> tuning figure
     name: str = "onboarding-popular"
 
     @classmethod
@@ -154,35 +147,23 @@ class OnboardingPopular:
     ) -> OnboardingPopular:
         if first_n < 1:
             raise ValueError(f"first_n must be at least 1, got {first_n}")
-        first = first_action_counts(data, train_user_ids, catalog_item_ids, first_n)
+        first = item_counts(data, train_user_ids, catalog_item_ids, first_n)
         overall = item_counts(data, train_user_ids, catalog_item_ids)
         return cls(scores=lexicographic_scores(first, overall), first_n=first_n)
 
-    @classmethod
-    def tuned(
-        cls,
-        data: InteractionData,
-        split: UserSplit,
-        catalog_item_ids: np.ndarray,
-        grid: Sequence[int] = ONBOARDING_FIRST_N_GRID,
-    ) -> OnboardingPopular:
-        """The ``grid`` value with the best validation figure (``ONBOARDING_TUNING``); ties go to the
-        smaller one."""
-        points = build_eval_points(data, split.validation)
-        group, metric = ONBOARDING_TUNING
-        best: OnboardingPopular | None = None
-        validation: dict[int, float] = {}
-        for first_n in sorted(grid):
-            model = cls.fit(data, split.train, catalog_item_ids, first_n)
-            validation[first_n] = evaluate(model, points, catalog_item_ids, progress=False).groups[group][
-                metric
-            ]
-            if best is None or validation[first_n] > validation[best.first_n]:
-                best = model
-        if best is None:
-            raise ValueError("empty first_n grid")
-        best.validation = validation
-        return best
-
     def score(self, points: Sequence[EvalPoint]) -> np.ndarray:
         return _repeat(self.scores, len(points))
+
+
+def tune_first_n(
+    data: InteractionData,
+    split: UserSplit,
+    catalog_item_ids: np.ndarray,
+    grid: Sequence[int] = ONBOARDING_FIRST_N_GRID,
+) -> GridTuning[OnboardingPopular]:
+    """Onboarding-popular with the ``grid`` value of first_n that is best on the validation users
+    (``ONBOARDING_TUNING``); ties go to the smaller one."""
+    return tune_on_validation(
+        lambda first_n: OnboardingPopular.fit(data, split.train, catalog_item_ids, int(first_n)),
+        grid, data, split, catalog_item_ids, *ONBOARDING_TUNING,
+    )  # fmt: skip
