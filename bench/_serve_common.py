@@ -675,17 +675,25 @@ def _stat_fields(path: str) -> list[bytes] | None:
     return raw[raw.rindex(b")") + 2 :].split()
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of ``pid``, from /proc/<pid>/task/<tid>/children (none once it is gone)."""
+    try:
+        return [
+            int(c)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()
+        ]
+    except OSError:
+        return []
+
+
 def descendants(root: int) -> list[int]:
-    """``root`` and every live process below it, from the parent pids of /proc/<pid>/stat."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat_fields(f"/proc/{entry.name}/stat")):
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    """``root`` and every live process below it."""
     found, pending = [], [root]
     while pending:
         pid = pending.pop()
         found.append(pid)
-        pending.extend(children.get(pid, ()))
+        pending.extend(child_pids(pid))
     return found
 
 

@@ -746,14 +746,6 @@ def redis_pid(url: str) -> int | None:
     return pid if pid and Path(f"/proc/{pid}/stat").exists() else None
 
 
-def server_cpu_targets(pid: int, workers: int) -> dict[str, CpuTarget]:
-    """What run_phase reads as "server" and "server_loop": the process and its main thread, or with
-    several workers the supervisor and every worker, and each worker's main thread."""
-    if workers == 1:
-        return {"server": pid, "server_loop": (pid, pid)}
-    return {"server": ProcessTree(pid), "server_loop": ProcessTree(pid, main_threads=True)}
-
-
 def serve_scenario(
     info: ScenarioInfo, artifacts_dir: Path, prefix: str, user_ids: np.ndarray, args: argparse.Namespace
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -778,8 +770,12 @@ def serve_scenario(
             server = stack.enter_context(ServerProcess(env, REPO, workers=args.workers))
             log(f"  ready on {server.url} after {time.perf_counter() - started:.1f}s")
             assert server.process is not None
+            # The server is uvicorn and every process below it (its workers, with --workers > 1); its
+            # event loops are their main threads.
+            root = server.process.pid
             pids: dict[str, CpuTarget] = {
-                **server_cpu_targets(server.process.pid, args.workers),
+                "server": ProcessTree(root),
+                "server_loop": ProcessTree(root, main_threads=True),
                 **shared_pids,
             }
             requests = request_pool(server.port, user_ids, args)

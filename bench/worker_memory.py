@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,25 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _serve_common import child_pids, free_port  # bench/ is not a package: run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 FIELDS = ("Rss", "Pss", "Anonymous", "Pss_File", "Shared_Clean")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def workers_of(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                found.append(int(child))
-    return found
+    """uvicorn's worker processes below ``pid`` (multiprocessing children, not its helpers)."""
+    return [
+        child for child in child_pids(pid) if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
+    ]
 
 
 def rollup(pid: int) -> dict[str, float]:
