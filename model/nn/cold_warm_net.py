@@ -163,18 +163,12 @@ class UserTower(nn.Module):
             # The experts' own vectors stay normalised: distillation compares their directions.
             own_cold, own_warm = F.normalize(e_cold, dim=1), F.normalize(e_warm, dim=1)
         if self.state_items is not None:
-            return self._with_state_items(e_u, bias, gate, own_cold, own_warm, state)
+            e_u, own_cold, own_warm = self._with_state_items(e_u, own_cold, own_warm, state)
         return e_u, bias, gate, own_cold, own_warm
 
     def _with_state_items(
-        self,
-        e_u: torch.Tensor,
-        bias: torch.Tensor,
-        gate: torch.Tensor,
-        own_cold: torch.Tensor,
-        own_warm: torch.Tensor,
-        state: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, e_u: torch.Tensor, own_cold: torch.Tensor, own_warm: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """g(state) appended to e_u; the experts' own vectors get zeros there, so that each still
         scores as that expert alone."""
         assert self.state_items is not None
@@ -182,8 +176,6 @@ class UserTower(nn.Module):
         zeros = torch.zeros_like(g)
         return (
             torch.cat([e_u, g], dim=1),
-            bias,
-            gate,
             torch.cat([own_cold, zeros], dim=1),
             torch.cat([own_warm, zeros], dim=1),
         )
