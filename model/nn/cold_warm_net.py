@@ -155,7 +155,7 @@ class UserTower(nn.Module):
         gate = self.gate(state)
         bias = self.user_bias(torch.cat([profile, state], dim=1))
         if self.mix_scores:
-            e_u, bias, gate, own_cold, own_warm = self._score_mixture(e_cold, e_warm, gate, bias)
+            e_u, own_cold, own_warm = self._score_mixture(e_cold, e_warm, gate)
         else:
             e_u = gate[:, 0:1] * e_cold + gate[:, 1:2] * e_warm
             if self.normalized:
@@ -181,8 +181,8 @@ class UserTower(nn.Module):
         )
 
     def _score_mixture(
-        self, e_cold: torch.Tensor, e_warm: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, e_cold: torch.Tensor, e_warm: torch.Tensor, gate: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """e_u = [w_cold · e_cold ; w_warm · e_warm]; each expert's own vector is its half of the
         concatenated space with zeros in the other half, so that against the concatenated item vectors
         it scores exactly as that expert alone (distillation compares those scores)."""
@@ -190,7 +190,7 @@ class UserTower(nn.Module):
             e_cold, e_warm = F.normalize(e_cold, dim=1), F.normalize(e_warm, dim=1)
         zeros = torch.zeros_like(e_cold)
         e_u = torch.cat([gate[:, 0:1] * e_cold, gate[:, 1:2] * e_warm], dim=1)
-        return e_u, bias, gate, torch.cat([e_cold, zeros], dim=1), torch.cat([zeros, e_warm], dim=1)
+        return e_u, torch.cat([e_cold, zeros], dim=1), torch.cat([zeros, e_warm], dim=1)
 
     def forward(
         self, profile: torch.Tensor, history: torch.Tensor, state: torch.Tensor
