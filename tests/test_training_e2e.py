@@ -101,7 +101,7 @@ def test_the_warm_phase_trains_the_warm_side_and_leaves_the_cold_side_as_it_was(
     model = MODEL.model_copy(
         update={"n_user_groups": 8, "expert_mixing": mixing, "state_item_dims": state_item_dims}
     )
-    train = TRAIN.model_copy(update={"epochs": 1, "seed": 0})
+    train = TRAIN.model_copy(update={"epochs": 1, "seed": 0, "warm_phase_epochs": 0})
     with one_torch_thread():
         main_only = fit_cold_warm_net(context, model, train, progress=False)
         phased = fit_cold_warm_net(
