@@ -97,6 +97,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "score mixing, warm phase, a state term of 8": from_the_paper_form(
         {"expert_mixing": "score", "state_item_dims": 8}, {"warm_phase_epochs": 8}
     ),
+    "score mixing, stage popularity": from_the_paper_form(
+        {"expert_mixing": "score", "stage_popularity": True}, {}
+    ),
+    "score mixing, warm phase, stage popularity": from_the_paper_form(
+        {"expert_mixing": "score", "stage_popularity": True}, {"warm_phase_epochs": 8}
+    ),
 }
 # Baselines measured beside the variants on the same validation users, trained with their own recipe
 # (model/experiments.py), so a variant is judged against what it must beat, not only against itself.

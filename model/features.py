@@ -26,6 +26,7 @@ SECONDS_PER_DAY = 86_400.0
 # Profile tensor columns, in order; zip is reduced to its prefix.
 PROFILE_COLUMNS: tuple[str, ...] = ("gender", "age", "occupation", "zip_prefix")
 STATE_COLUMNS: tuple[str, ...] = ("interaction_count", "days_since_first", "days_since_last")
+COUNT_COLUMN = STATE_COLUMNS.index("interaction_count")
 
 
 class Vocabulary:

@@ -47,6 +47,13 @@ def softmax_candidates(
     return Candidates(positions, log_q, positive_column, hits)
 
 
+def positive_columns(candidates: Candidates) -> torch.Tensor:
+    """(B,) the column of each sample's positive among its candidates' logits."""
+    if candidates.positive_column is not None:
+        return candidates.positive_column
+    return torch.zeros(candidates.positions.shape[0], dtype=torch.long, device=candidates.positions.device)
+
+
 def per_sample_loss(logits: torch.Tensor, candidates: Candidates) -> torch.Tensor:
     """Loss of each sample (B,), from logits (B, C) over ``candidates``."""
     if candidates.log_q is None:

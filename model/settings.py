@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -97,6 +97,14 @@ class ModelConfig(BaseModel):
         "first can differ from what everyone chooses; 0 leaves it out. Both vectors are appended to "
         "e_u and e_i, so the score stays one inner product",
     )
+    stage_popularity: bool = Field(
+        False,
+        description="add a term s·<g(state), p_i>, p_i the item's stage popularity "
+        "(model/stage_popularity.py: per interaction-count bucket, how often train users at that stage "
+        "chose it next, counted, not learnt) and g(state) learnt: what users at this stage choose, "
+        "weighed by the user's state; "
+        "appended to e_u and e_i like state_item_dims, which it excludes",
+    )
     # Score mixing with a warm phase (TrainConfig.warm_phase_epochs) measured best over three
     # validation seeds (README "Model and training choices"); embedding is the paper's form.
     expert_mixing: Literal["embedding", "score"] = Field(
@@ -114,6 +122,12 @@ class ModelConfig(BaseModel):
     sasrec_blocks: int = Field(2, ge=1, description="causal self-attention blocks of the SASRec baseline")
     sasrec_heads: int = Field(1, ge=1, description="attention heads; must divide embedding_dim")
     sasrec_dropout: float = Field(0.2, ge=0.0, lt=1.0, description="SASRec dropout while training")
+
+    @model_validator(mode="after")
+    def _one_state_term(self) -> ModelConfig:
+        if self.stage_popularity and self.state_item_dims:
+            raise ValueError("stage_popularity and state_item_dims are two forms of one term: set one")
+        return self
 
 
 class TrainConfig(BaseModel):

@@ -18,8 +18,8 @@ from model.data.schema import InteractionData
 from model.data.split import UserSplit
 from model.distillation import distillation_loss, distillation_mask
 from model.evaluation.protocol import WARM_UP_FROM, EvalPoint, build_eval_points, evaluate, groups_of
-from model.features import FeatureEncoder
-from model.losses import Candidates, bce_candidates, per_sample_loss, softmax_candidates
+from model.features import COUNT_COLUMN, FeatureEncoder
+from model.losses import Candidates, bce_candidates, per_sample_loss, positive_columns, softmax_candidates
 from model.mutual_info import BiasFeatureSelection, select_bias_features
 from model.nn.cold_warm_net import USER_BIAS_CANDIDATES, ColdWarmNet, item_bias_candidate_names
 from model.nn.two_tower import TwoTowerNet
@@ -32,6 +32,7 @@ from model.samples import (
     history_lengths,
 )
 from model.settings import ModelConfig, TrainConfig
+from model.stage_popularity import stage_popularity_columns
 from model.user_groups import cluster_group_embeddings, embed_rows, most_active_rows
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def training_step(
     profile, history, state, _ = (tensor.to(device, non_blocking=True) for tensor in batch)
     if weights is not None:
         weights = weights.to(device, non_blocking=True)
-    scores = net(profile, history, state, candidates.positions, use_dkd)
+    scores = net(profile, history, state, candidates.positions, use_dkd, positive_columns(candidates))
     losses = per_sample_loss(scores.logits, candidates)
     loss = (losses * weights).mean() if weights is not None else losses.mean()
     distilled = 0.0
@@ -415,6 +416,17 @@ def run_epochs(
     return history
 
 
+def stage_popularity(context: TrainingContext, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stage popularity columns (counted, and without each sample's own count), counted once on
+    rank 0 and sent to the others."""
+    columns = None
+    if distributed.current().is_main:
+        n_stages = context.encoder.state_cardinalities()[COUNT_COLUMN]
+        columns = stage_popularity_columns(context.samples, n_stages, n_items)
+    columns = distributed.broadcast_object(columns)
+    return torch.as_tensor(columns.counted), torch.as_tensor(columns.without_own)
+
+
 def fit_user_groups(
     context: TrainingContext, model_config: ModelConfig, config: TrainConfig, progress: bool
 ) -> torch.Tensor:
@@ -432,6 +444,7 @@ def fit_user_groups(
             # experts' embeddings (not their scores) are mixed, without the state term.
             "expert_mixing": "embedding",
             "state_item_dims": 0,
+            "stage_popularity": False,
         }
     )
     torch.manual_seed(config.seed)
@@ -549,6 +562,8 @@ def fit_cold_warm_net(
     )
     if uses_groups and group_embeddings is not None:
         net.user_tower.attention.set_groups(group_embeddings)
+    if model_config.stage_popularity:
+        net.set_stage_popularity(*stage_popularity(context, net.n_items))
     trained = fit_two_tower(context, net, model_config, config, name, progress, selection, started)
     if config.warm_phase_epochs and model_config.use_cold_expert and model_config.use_warm_expert:
         continue_with_warm_phase(trained, context, config, progress)

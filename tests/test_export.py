@@ -35,6 +35,7 @@ from model.data.synthetic import generate_synthetic
 from model.evaluation.protocol import build_eval_points
 from model.export import export_model
 from model.features import EncodedUsers, FeatureEncoder, raw_users_from_histories
+from model.nn.cold_warm_net import state_term_width
 from model.nn.experts import AttentionPooling
 from model.ranker import encode_points
 from model.settings import FeatureConfig, ModelConfig, TrainConfig
@@ -345,12 +346,13 @@ def test_checkpoint_round_trip_gives_the_same_scores(exported: Exported, tmp_pat
         {"expert_mixing": "embedding"},
         {"expert_mixing": "embedding", "similarity": "dot"},
         {"state_item_dims": 4},
+        {"stage_popularity": True},
     ],
 )
 def test_the_scoring_options_export_what_they_score(update: dict[str, Any], tmp_path: Path) -> None:
     """The paper's embedding mixing (d-wide vectors), the inner product (no unit norms, scale 1) and
-    the state term (k more values) export a tower and an item table whose folded inner product is the
-    net's score_all, as the default's do."""
+    the state term, learnt or stage popularity (k more values), export a tower and an item table whose
+    folded inner product is the net's score_all, as the default's do."""
     data = generate_synthetic(n_users=200, n_items=80, seed=8)
     split = split_users(data)
     encoder = FeatureEncoder.fit(data, split.train, FeatureConfig(max_history=20))
@@ -366,9 +368,15 @@ def test_the_scoring_options_export_what_they_score(update: dict[str, Any], tmp_
         embedding, bias, _ = artifacts.user_tower(*users)
         expected = trained.net.score_all(*users).numpy()
     experts = 1 if config.expert_mixing == "embedding" else 2
-    width = experts * config.embedding_dim + config.state_item_dims
+    width = experts * config.embedding_dim + state_term_width(encoder, config)
     assert embedding.shape[1] == artifacts.items.embeddings.shape[1] == width
     assert (artifacts.scale == 1.0) == (update.get("similarity") == "dot")
     folded = fold_bias(artifacts.items.embeddings, artifacts.items.bias, artifacts.scale)
     served = query_vectors(embedding.numpy()) @ folded.T + bias.numpy()[:, None]
     np.testing.assert_allclose(served, expected, atol=1e-4)
+    if config.stage_popularity:  # counted by training, served with the items, kept by a checkpoint
+        table = trained.net.item_scorer.state_items.table
+        assert float(table.abs().sum()) > 0
+        np.testing.assert_allclose(artifacts.items.embeddings[:, -table.shape[1] :], table.numpy())
+        loaded = load_checkpoint(save_checkpoint(trained, tmp_path / "checkpoint.pt"))
+        torch.testing.assert_close(loaded.net.item_scorer.state_items.table, table, rtol=0, atol=0)

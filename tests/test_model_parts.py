@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from model.data.split import split_users
 from model.data.synthetic import generate_synthetic
 from model.distillation import distillation_loss, distillation_mask
-from model.features import FeatureEncoder
+from model.features import COUNT_COLUMN, FeatureEncoder
 from model.losses import bce_candidates, per_sample_loss, softmax_candidates
 from model.mutual_info import select_bias_features, select_by_mutual_information
 from model.nn.cold_warm_net import (
@@ -444,20 +444,30 @@ def test_score_mixing_is_the_gated_sum_of_each_experts_cosine_in_its_own_item_sp
     torch.testing.assert_close(scripted(profile, history, state)[0], e_u)
 
 
-def test_the_state_term_adds_a_state_dependent_item_affinity_to_every_score(world) -> None:
-    """state_item_dims = k: the score gains s · <g(state), v_i>, as one inner product of the wider
-    vectors; users alike but for their state rank differently, and each expert's own vector still
+@pytest.mark.parametrize(
+    ("update", "k"), [({"state_item_dims": 4}, 4), ({"stage_popularity": True}, 14)], ids=["learnt", "stage"]
+)
+def test_the_state_term_adds_a_state_dependent_item_affinity_to_every_score(
+    world, update: dict[str, object], k: int
+) -> None:
+    """The score gains s · <g(state), v_i>, as one inner product of the wider vectors: v_i learnt
+    (state_item_dims = k) or the items' stage popularity (one value per interaction-count bucket, set
+    by training); users alike but for their state rank differently, and each expert's own vector still
     scores as that expert alone."""
     encoder, samples = world
     torch.manual_seed(5)
-    config = SMALL.model_copy(update={"state_item_dims": 4})
+    config = SMALL.model_copy(update=update)
     net = ColdWarmNet(encoder, config, [], [0, 2]).eval()
     plain = ColdWarmNet(encoder, SMALL, [], [0, 2]).eval()
     plain.load_state_dict(net.state_dict(), strict=False)  # the same net without the term
+    v = torch.randn(net.n_items, k)
     with torch.no_grad():
         net.log_scale.fill_(math.log(5.0))
         plain.log_scale.fill_(math.log(5.0))
-        net.item_scorer.state_items.weight.normal_(std=1.0)
+        if config.stage_popularity:
+            net.set_stage_popularity(v, v - 1.0)
+        else:
+            net.item_scorer.state_items.weight.copy_(v)
     profile, history, state, _ = samples.batch(torch.arange(32))
     with torch.no_grad():
         scores = net.score_all(profile, history, state)
@@ -466,10 +476,9 @@ def test_the_state_term_adds_a_state_dependent_item_affinity_to_every_score(worl
         e_i, _ = net.all_items()
         plain_e_i, _ = plain.all_items()
         g = net.user_tower.state_items(state)
-        v = net.item_scorer.state_items.weight
         expected = plain.score_all(profile, history, state) + 5.0 * g @ v.t()
         other_state = net.score_all(profile, history, state.roll(1, dims=0))
-    width = 2 * SMALL.embedding_dim + 4
+    width = 2 * SMALL.embedding_dim + k
     assert e_u.shape == (32, width) and e_i.shape == (net.n_items, width)
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-5)
     assert float((scores - other_state).abs().max()) > 1e-3
@@ -478,6 +487,41 @@ def test_the_state_term_adds_a_state_dependent_item_affinity_to_every_score(worl
     scripted = torch.jit.script(net.user_tower)
     torch.testing.assert_close(scripted(profile, history, state)[0], e_u)
     assert torch.jit.script(plain.user_tower)(profile, history, state)[0].shape[1] == 2 * SMALL.embedding_dim
+
+
+def test_training_scores_each_sample_s_own_target_without_its_own_count(world) -> None:
+    """With stage popularity, training's logit of a sample's own target reads the counts without that
+    sample in the columns that counted it (its stage and later); every other logit, and the scores
+    served, read the table."""
+    encoder, samples = world
+    torch.manual_seed(6)
+    net = ColdWarmNet(encoder, SMALL.model_copy(update={"stage_popularity": True}), [], [0, 2]).eval()
+    table = torch.randn(net.n_items, 14)
+    without_own = table - torch.rand(net.n_items, 14) - 0.5
+    net.set_stage_popularity(table, without_own)
+    profile, history, state, targets = samples.batch(torch.arange(16))
+    positions = torch.cat([targets, torch.arange(net.n_items)])
+    positives = torch.arange(16)
+    with torch.no_grad():
+        plain = net(profile, history, state, positions).logits
+        left_out = net(profile, history, state, positions, positives=positives).logits
+        g = net.user_tower.state_items(state)
+    stages = state[:, COUNT_COLUMN]
+    counted_it = (torch.arange(14).unsqueeze(0) >= stages.unsqueeze(1)).float()
+    change = net.scale * (g * (without_own[targets] - table[targets]) * counted_it).sum(dim=1)
+    expected = plain.clone()
+    expected[positives, positives] += change
+    torch.testing.assert_close(left_out, expected, atol=1e-5, rtol=1e-5)
+    assert float(change.abs().min()) > 0  # every sample's target moved
+    # Per-sample candidate lists (bce): column 0 is the positive.
+    per_sample = torch.stack([targets, targets.roll(1)], dim=1)
+    with torch.no_grad():
+        bce_plain = net(profile, history, state, per_sample).logits
+        bce_left_out = net(
+            profile, history, state, per_sample, positives=torch.zeros(16, dtype=torch.long)
+        ).logits
+    torch.testing.assert_close(bce_left_out[:, 0], bce_plain[:, 0] + change, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bce_left_out[:, 1], bce_plain[:, 1])
 
 
 def test_no_bias_net_means_zero_biases(world) -> None:

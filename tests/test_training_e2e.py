@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from model_fixtures import one_torch_thread
@@ -15,8 +16,9 @@ from model_fixtures import one_torch_thread
 from model.data.split import split_users
 from model.data.synthetic import generate_synthetic
 from model.experiments import ExperimentOutcome, run_experiments
-from model.features import FeatureEncoder
+from model.features import COUNT_COLUMN, FeatureEncoder
 from model.settings import ModelConfig, Settings, TrainConfig
+from model.stage_popularity import stage_popularity_columns
 from model.train import TrainingContext, fit_cold_warm_net, validation_score
 
 pytestmark = pytest.mark.slow
@@ -91,16 +93,23 @@ def test_training_is_reproducible() -> None:
     assert other.epochs[0]["loss"] != first.epochs[0]["loss"]
 
 
-@pytest.mark.parametrize(("mixing", "state_item_dims"), [("embedding", 0), ("score", 0), ("score", 4)])
+@pytest.mark.parametrize(
+    "update",
+    [
+        {"expert_mixing": "embedding"},
+        {"expert_mixing": "score"},
+        {"expert_mixing": "score", "state_item_dims": 4},
+        {"expert_mixing": "score", "stage_popularity": True},
+    ],
+    ids=["embedding", "score", "score+learnt-state-term", "score+stage-popularity"],
+)
 def test_the_warm_phase_trains_the_warm_side_and_leaves_the_cold_side_as_it_was(
-    mixing: str, state_item_dims: int
+    update: dict[str, object],
 ) -> None:
     """The cold side after main loop + warm phase equals the cold side after the main loop alone (same
     seed); the warm side moved; the phase's records carry their own validation figure."""
     context = context_for(300, 150, seed=3)
-    model = MODEL.model_copy(
-        update={"n_user_groups": 8, "expert_mixing": mixing, "state_item_dims": state_item_dims}
-    )
+    model = MODEL.model_copy(update={"n_user_groups": 8, **update})
     train = TRAIN.model_copy(update={"epochs": 1, "seed": 0, "warm_phase_epochs": 0})
     with one_torch_thread():
         main_only = fit_cold_warm_net(context, model, train, progress=False)
@@ -140,8 +149,15 @@ def test_the_warm_phase_trains_the_warm_side_and_leaves_the_cold_side_as_it_was(
     changed = [n for n, v in after.items() if not torch.equal(v, before[n])]
     moved = {n.split(".")[1] for n in changed if n.startswith(warm)}
     assert moved == {"warm", "pooling", "gate"}, moved
-    if state_item_dims:  # the term exists, and is frozen with the cold side (checked above)
+    if model.state_item_dims or model.stage_popularity:  # the term exists, frozen with the cold side
         assert any(n.startswith("item_scorer.state_items.") for n in after)
-    if mixing == "score":
+    if model.stage_popularity:  # counted from the training samples, not learnt
+        n_stages = context.encoder.state_cardinalities()[COUNT_COLUMN]
+        counted = stage_popularity_columns(context.samples, n_stages, phased.net.n_items)
+        np.testing.assert_array_equal(after["item_scorer.state_items.table"].numpy(), counted.counted)
+        np.testing.assert_array_equal(
+            after["item_scorer.state_items.without_own"].numpy(), counted.without_own
+        )
+    if model.expert_mixing == "score":
         warm_tower = [n for n in after if n.startswith("item_scorer.warm_tower.")]
         assert any(not torch.equal(after[n], before[n]) for n in warm_tower)

@@ -5,7 +5,9 @@ score(u, i) = s · cos(e_u, e_i) + b_u + b_i, with e_u = w_cold · e_cold + w_wa
 
 With ``ModelConfig.state_item_dims`` = k > 0, e_u gains g(state) (k values from the state features)
 and e_i gains v_i (k learnt values per item), adding s · <g(state), v_i> to every score: what a user
-at that state picks, whatever the profile and the history say.
+at that state picks, whatever the profile and the history say. With ``ModelConfig.stage_popularity``
+v_i is not learnt but counted, the item's stage popularity (model/stage_popularity.py), one value per
+interaction-count bucket; ColdWarmNet.set_stage_popularity sets it from the training samples.
 
 With ``ModelConfig.expert_mixing="score"`` each expert ranks in its own item space and the gate mixes
 the scores: score(u, i) = s · (w_cold · cos(e_cold, e_i^cold) + w_warm · cos(e_warm, e_i^warm)) + b_u
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.features import PROFILE_COLUMNS, STATE_COLUMNS, FeatureEncoder
+from model.features import COUNT_COLUMN, PROFILE_COLUMNS, STATE_COLUMNS, FeatureEncoder
 from model.nn.bias_net import SideBias
 from model.nn.experts import (
     ActionPooling,
@@ -31,7 +33,14 @@ from model.nn.experts import (
 )
 from model.nn.gate import StateGate
 from model.nn.group_attention import GroupAttention
-from model.nn.items import ItemInputEmbedding, ItemSideInputs, ItemTower, TowerItemInputs, item_tower_for
+from model.nn.items import (
+    ItemInputEmbedding,
+    ItemSideInputs,
+    ItemTower,
+    StagePopularity,
+    TowerItemInputs,
+    item_tower_for,
+)
 from model.nn.layers import CategoricalEmbeddings, mlp
 from model.nn.two_tower import TwoTowerNet
 from model.settings import ModelConfig
@@ -93,14 +102,35 @@ def warm_expert(user_dim: int, attention: GroupAttention, config: ModelConfig) -
     )
 
 
+def state_term_width(encoder: FeatureEncoder, config: ModelConfig) -> int:
+    """k of the state term: one value per interaction-count bucket with ``stage_popularity``, else
+    ``state_item_dims`` (0: no term)."""
+    if config.stage_popularity:
+        return encoder.state_cardinalities()[COUNT_COLUMN]
+    return config.state_item_dims
+
+
 def state_item_term(
     state_cardinalities: tuple[int, ...], feature_dim: int, hidden_dim: int, width: int
 ) -> nn.Module | None:
-    """g(state) of the state term (``ModelConfig.state_item_dims``): state → (B, width); None at 0."""
+    """g(state) of the state term: state → (B, width); None at width 0."""
     if not width:
         return None
     embeddings = CategoricalEmbeddings(state_cardinalities, feature_dim)
     return nn.Sequential(embeddings, mlp(embeddings.out_dim, hidden_dim, width))
+
+
+def item_state_term(encoder: FeatureEncoder, n_items: int, config: ModelConfig) -> nn.Module | None:
+    """The items' side of the state term: stage popularity (counted, set by training), or v_i learnt
+    per catalog position, small so that it starts as a slight change to the scores."""
+    width = state_term_width(encoder, config)
+    if config.stage_popularity:
+        return StagePopularity(n_items, width)
+    if not width:
+        return None
+    learnt = nn.Embedding(n_items, width)
+    nn.init.normal_(learnt.weight, std=0.01)
+    return learnt
 
 
 class UserTower(nn.Module):
@@ -139,7 +169,7 @@ class UserTower(nn.Module):
         # g(state): an MLP over embeddings of its own (the gate's train on in the warm phase, this
         # term is frozen with the cold side), k wide.
         self.state_items = state_item_term(
-            encoder.state_cardinalities(), feature, hidden, config.state_item_dims
+            encoder.state_cardinalities(), feature, hidden, state_term_width(encoder, config)
         )
 
     @torch.jit.export
@@ -222,13 +252,8 @@ class ItemScorer(nn.Module):
             config.hidden_dim,
         )
         self.normalized = config.similarity == "cosine"
-        # v_i of the state term (UserTower.state_items), per catalog position; small, so it starts as
-        # a slight change to the scores.
-        self.state_items = (
-            nn.Embedding(items.n_items, config.state_item_dims) if config.state_item_dims else None
-        )
-        if self.state_items is not None:
-            nn.init.normal_(self.state_items.weight, std=0.01)
+        # The items' side of the state term (UserTower.state_items is the users').
+        self.state_items = item_state_term(encoder, items.n_items, config)
 
     @property
     def warm_item_tower(self) -> ItemTower:
@@ -265,3 +290,24 @@ class ColdWarmNet(TwoTowerNet):
         self.user_tower = UserTower(
             encoder, items, config, self.user_bias_columns, self.item_scorer.warm_item_tower
         )
+
+    def set_stage_popularity(self, table: torch.Tensor, without_own: torch.Tensor) -> None:
+        """The (n_items, count buckets) columns of model/stage_popularity.py, with ``stage_popularity``."""
+        self._stage_popularity().set_columns(table, without_own)
+
+    def own_target_change(
+        self, e_u: torch.Tensor, state: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor | None:
+        """With stage popularity, each sample's target scored from the counts without the sample."""
+        if not self.config.stage_popularity:
+            return None
+        term = self._stage_popularity()
+        g = e_u[:, -term.width :]
+        change = term.own_target_change(targets, state[:, COUNT_COLUMN])
+        return self.scale * (g * change).sum(dim=1)
+
+    def _stage_popularity(self) -> StagePopularity:
+        term = self.item_scorer.state_items
+        if not isinstance(term, StagePopularity):
+            raise ValueError("this net has no stage popularity term (ModelConfig.stage_popularity)")
+        return term

@@ -88,3 +88,30 @@ def item_tower_for(encoder: FeatureEncoder, items: ItemSideInputs, config: Model
     """The item tower every model here uses, sized by the config and the item-id vocabulary."""
     n_ids = len(encoder.vocabularies["item_id"])
     return ItemTower(items, config.embedding_dim, config.feature_dim, config.hidden_dim, n_ids)
+
+
+class StagePopularity(nn.Module):
+    """Per catalog position, the item's stage popularity columns (model/stage_popularity.py): counted
+    from the training samples once, not learnt, and kept in the state dict so that an exported net
+    scores as the trained one; beside them, the same columns less one count, for a sample's own
+    target in training."""
+
+    def __init__(self, n_items: int, n_stages: int) -> None:
+        super().__init__()
+        self.width = n_stages
+        self.register_buffer("table", torch.zeros(n_items, n_stages))
+        self.register_buffer("without_own", torch.zeros(n_items, n_stages))
+
+    def set_columns(self, table: torch.Tensor, without_own: torch.Tensor) -> None:
+        self.table.copy_(table)
+        self.without_own.copy_(without_own)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.table[positions]
+
+    def own_target_change(self, targets: torch.Tensor, stages: torch.Tensor) -> torch.Tensor:
+        """(B, width): what leaving each sample out of the counts changes in its target's columns,
+        which are those of its own stage (count bucket) and later."""
+        columns = torch.arange(self.width, device=stages.device)
+        counted_it = (columns.unsqueeze(0) >= stages.unsqueeze(1)).to(self.table.dtype)
+        return (self.without_own[targets] - self.table[targets]) * counted_it

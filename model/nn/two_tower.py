@@ -73,17 +73,20 @@ class TwoTowerNet(nn.Module):
         state: torch.Tensor,
         positions: torch.Tensor,
         distil: bool = False,
+        positives: torch.Tensor | None = None,
     ) -> CandidateLogits:
         """Training's scores of B users against candidate items: a list shared by the batch
         (``positions`` (C,), sampled softmax) or one list per user ((B, C), bce).
 
         Everything with a trained weight in it runs here, because DistributedDataParallel hooks only
         ``forward``: called on the wrapped net, the gradients of both towers, the bias net and the
-        scale are averaged over the processes. ``distil`` (the user tower must have ``experts``) adds
-        the cold and warm experts' own scores for dynamic knowledge distillation: only the cold expert
-        learns from the distillation, so the items, biases and scale are fixed in its scores, or the
-        gap would also be closed by flattening every score (a smaller scale); the warm expert's
-        scores are the target and carry no gradient.
+        scale are averaged over the processes. ``positives`` (B,), the column of each sample's own
+        target, lets a term whose item side was counted from the training targets score that target
+        without the sample's own count (``own_target_change``). ``distil`` (the user tower must have
+        ``experts``) adds the cold and warm experts' own scores for dynamic knowledge distillation:
+        only the cold expert learns from the distillation, so the items, biases and scale are fixed
+        in its scores, or the gap would also be closed by flattening every score (a smaller scale);
+        the warm expert's scores are the target and carry no gradient.
         """
         if distil:
             e_u, b_u, _, e_cold, e_warm = self.user_tower.experts(profile, history, state)
@@ -95,6 +98,8 @@ class TwoTowerNet(nn.Module):
             b_i = b_i.view(positions.shape)
         scale = self.scale
         logits = candidate_logits(e_u, b_u, e_i, b_i, scale, per_sample)
+        if positives is not None:
+            logits = self._own_targets_left_out(logits, e_u, state, positions, positives)
         if not distil:
             return CandidateLogits(logits)
         fixed_items, fixed_bias, fixed_scale = e_i.detach(), b_i.detach(), scale.detach()
@@ -102,3 +107,23 @@ class TwoTowerNet(nn.Module):
         with torch.no_grad():
             warm = candidate_logits(e_warm, b_u, fixed_items, fixed_bias, fixed_scale, per_sample)
         return CandidateLogits(logits, cold, warm)
+
+    def own_target_change(
+        self, e_u: torch.Tensor, state: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor | None:
+        """(B,) change to each sample's score of its own target when the sample is left out of what
+        the item side was counted from; None: nothing here was counted from the targets."""
+        return None
+
+    def _own_targets_left_out(
+        self,
+        logits: torch.Tensor,
+        e_u: torch.Tensor,
+        state: torch.Tensor,
+        positions: torch.Tensor,
+        positives: torch.Tensor,
+    ) -> torch.Tensor:
+        column = positives.unsqueeze(1)
+        targets = positions[positives] if positions.dim() == 1 else positions.gather(1, column).squeeze(1)
+        change = self.own_target_change(e_u, state, targets)
+        return logits if change is None else logits.scatter_add(1, column, change.unsqueeze(1))
