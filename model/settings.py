@@ -92,18 +92,26 @@ class ModelConfig(BaseModel):
     state_item_dims: int = Field(
         0,
         ge=0,
-        description="width of a term s·<g(state), v_i> added to every score: an item affinity that "
+        description="width of a term <g(state), v_i> added to every score: an item affinity that "
         "depends on the user's state (how many actions, since when), so that what newcomers choose "
         "first can differ from what everyone chooses; 0 leaves it out. Both vectors are appended to "
-        "e_u and e_i, so the score stays one inner product",
+        "e_u (as g / s, so that the learnt scale s does not scale the term) and e_i, so the score "
+        "stays one inner product",
     )
     stage_popularity: bool = Field(
         False,
-        description="add a term s·<g(state), p_i>, p_i the item's stage popularity "
+        description="add a term <g(state), p_i>, p_i the item's stage popularity "
         "(model/stage_popularity.py: per interaction-count bucket, how often train users at that stage "
         "chose it next, counted, not learnt) and g(state) learnt: what users at this stage choose, "
-        "weighed by the user's state; "
-        "appended to e_u and e_i like state_item_dims, which it excludes",
+        "weighed by the user's state; appended to e_u and e_i like state_item_dims, which it excludes",
+    )
+    stage_popularity_from: int = Field(
+        20,
+        ge=1,
+        description="the narrowest stage popularity column counts the first this many actions of "
+        "each train user (the count bucket holding this number less one); narrower ones learn the "
+        "order of actions taken at the same moment (MovieLens orders same-second ratings by item id): "
+        "20 is onboarding-popular's N chosen on validation users",
     )
     # Score mixing with a warm phase (TrainConfig.warm_phase_epochs) measured best over three
     # validation seeds (README "Model and training choices"); embedding is the paper's form.
@@ -168,6 +176,12 @@ class TrainConfig(BaseModel):
         "of one of the data's own session-start gaps",
     )
     max_gap_days: float = Field(3650.0, gt=0, description="longest gap a moved sample is given")
+    same_moment_order: Literal["data", "shuffled"] = Field(
+        "data",
+        description="the order in which training reads a user's actions of one timestamp: the data's "
+        "(MovieLens: by item id, which next-item targets then teach) or shuffled once (seeded), as "
+        "actions of one moment have none; evaluation keeps the protocol's order either way",
+    )
     history_balance: float = Field(
         0.0,
         ge=0.0,

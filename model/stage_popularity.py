@@ -9,9 +9,12 @@ learnt, and the model learns only how much each column weighs for a user in a gi
 (``ModelConfig.stage_popularity``).
 
 Column c counts, per item, the training samples of count bucket c or earlier whose target it is: one
-bucket alone is too few samples (a bucket of one action count holds one sample per train user), and
-the columns up to "the first 20 actions" rank validation newcomers as well as onboarding-popular
-does. The columns are log(1 + count), standardised over the catalog.
+bucket alone is too few samples (a bucket of one action count holds one sample per train user). The
+narrowest column counts each train user's first ``ModelConfig.stage_popularity_from`` actions: on
+MovieLens, same-second ratings are ordered by item id, and narrower columns taught the model that
+order (validation newcomers ranked worse, 0.27 Recall@50 against the default's 0.32 after three
+epochs), while "the first 20 actions" ranks them as well as onboarding-popular does. The columns are
+log(1 + count), standardised over the catalog.
 
 A training sample must not find its own answer in the table: counted with it, its target is one
 count more popular than any other item as often chosen, which in the sparse early columns is most of
@@ -40,13 +43,13 @@ class StageColumns:
     without_own: np.ndarray
 
 
-def stage_popularity_columns(samples: TrainingSamples, n_stages: int, n_items: int) -> StageColumns:
-    """Column c: the standardised log(1 + count) of the targets of the samples in count bucket c or
-    earlier; 0 where the counts do not differ between items."""
-    stages = samples.state[:, COUNT_COLUMN].long().numpy()
-    counts = np.zeros((n_stages, n_items), dtype=np.float64)
-    np.add.at(counts, (stages, samples.target.numpy()), 1.0)
-    cumulative = np.cumsum(counts, axis=0)
+def stage_popularity_columns(samples: TrainingSamples, stages: range, n_items: int) -> StageColumns:
+    """Per count bucket c of ``stages``: the standardised log(1 + count) of the targets of the samples
+    in bucket c or earlier; 0 where the counts do not differ between items."""
+    sample_stages = samples.state[:, COUNT_COLUMN].long().numpy()
+    counts = np.zeros((stages.stop, n_items), dtype=np.float64)
+    np.add.at(counts, (sample_stages, samples.target.numpy()), 1.0)
+    cumulative = np.cumsum(counts, axis=0)[stages.start :]
     logs = np.log1p(cumulative)
     mean, std = logs.mean(axis=1, keepdims=True), logs.std(axis=1, keepdims=True)
     flat = std == 0

@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -18,10 +19,15 @@ from model.data.schema import InteractionData
 from model.data.split import UserSplit
 from model.distillation import distillation_loss, distillation_mask
 from model.evaluation.protocol import WARM_UP_FROM, EvalPoint, build_eval_points, evaluate, groups_of
-from model.features import COUNT_COLUMN, FeatureEncoder
+from model.features import FeatureEncoder
 from model.losses import Candidates, bce_candidates, per_sample_loss, positive_columns, softmax_candidates
 from model.mutual_info import BiasFeatureSelection, select_bias_features
-from model.nn.cold_warm_net import USER_BIAS_CANDIDATES, ColdWarmNet, item_bias_candidate_names
+from model.nn.cold_warm_net import (
+    USER_BIAS_CANDIDATES,
+    ColdWarmNet,
+    item_bias_candidate_names,
+    stage_popularity_stages,
+)
 from model.nn.two_tower import TwoTowerNet
 from model.ranker import ModelRanker
 from model.samples import (
@@ -64,6 +70,8 @@ class TrainingContext:
         started = time.perf_counter()
         config = config or TrainConfig()
         sequences = UserSequences.from_interactions(data.interactions, split.train)
+        if config.same_moment_order == "shuffled":
+            sequences = sequences.same_moment_shuffled(np.random.default_rng(config.seed))
         samples = build_training_samples(data.users, sequences, encoder, config)
         encoder.fit_state_coverage(samples.state.numpy())
         samples.state = torch.as_tensor(encoder.serve_state_buckets(samples.state.numpy()))
@@ -416,13 +424,15 @@ def run_epochs(
     return history
 
 
-def stage_popularity(context: TrainingContext, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stage_popularity(
+    context: TrainingContext, model_config: ModelConfig, n_items: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The stage popularity columns (counted, and without each sample's own count), counted once on
     rank 0 and sent to the others."""
     columns = None
     if distributed.current().is_main:
-        n_stages = context.encoder.state_cardinalities()[COUNT_COLUMN]
-        columns = stage_popularity_columns(context.samples, n_stages, n_items)
+        stages = stage_popularity_stages(context.encoder, model_config)
+        columns = stage_popularity_columns(context.samples, stages, n_items)
     columns = distributed.broadcast_object(columns)
     return torch.as_tensor(columns.counted), torch.as_tensor(columns.without_own)
 
@@ -563,7 +573,7 @@ def fit_cold_warm_net(
     if uses_groups and group_embeddings is not None:
         net.user_tower.attention.set_groups(group_embeddings)
     if model_config.stage_popularity:
-        net.set_stage_popularity(*stage_popularity(context, net.n_items))
+        net.set_stage_popularity(*stage_popularity(context, model_config, net.n_items))
     trained = fit_two_tower(context, net, model_config, config, name, progress, selection, started)
     if config.warm_phase_epochs and model_config.use_cold_expert and model_config.use_warm_expert:
         continue_with_warm_phase(trained, context, config, progress)

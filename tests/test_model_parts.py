@@ -445,15 +445,16 @@ def test_score_mixing_is_the_gated_sum_of_each_experts_cosine_in_its_own_item_sp
 
 
 @pytest.mark.parametrize(
-    ("update", "k"), [({"state_item_dims": 4}, 4), ({"stage_popularity": True}, 14)], ids=["learnt", "stage"]
+    ("update", "k"), [({"state_item_dims": 4}, 4), ({"stage_popularity": True}, 8)], ids=["learnt", "stage"]
 )
 def test_the_state_term_adds_a_state_dependent_item_affinity_to_every_score(
     world, update: dict[str, object], k: int
 ) -> None:
-    """The score gains s · <g(state), v_i>, as one inner product of the wider vectors: v_i learnt
-    (state_item_dims = k) or the items' stage popularity (one value per interaction-count bucket, set
-    by training); users alike but for their state rank differently, and each expert's own vector still
-    scores as that expert alone."""
+    """The score gains <g(state), v_i>, unscaled by s (the query carries g / s), as one inner product
+    of the wider vectors: v_i learnt (state_item_dims = k) or the items' stage popularity (one value
+    per interaction-count bucket, set by training); users alike but for their state rank
+    differently, each expert's own vector still scores as that expert alone, and the term gives s no
+    gradient (scaled by s, it pulled s down and softened the experts' cosines)."""
     encoder, samples = world
     torch.manual_seed(5)
     config = SMALL.model_copy(update=update)
@@ -476,7 +477,7 @@ def test_the_state_term_adds_a_state_dependent_item_affinity_to_every_score(
         e_i, _ = net.all_items()
         plain_e_i, _ = plain.all_items()
         g = net.user_tower.state_items(state)
-        expected = plain.score_all(profile, history, state) + 5.0 * g @ v.t()
+        expected = plain.score_all(profile, history, state) + g @ v.t()  # outside the scale, as b_i
         other_state = net.score_all(profile, history, state.roll(1, dims=0))
     width = 2 * SMALL.embedding_dim + k
     assert e_u.shape == (32, width) and e_i.shape == (net.n_items, width)
@@ -487,6 +488,11 @@ def test_the_state_term_adds_a_state_dependent_item_affinity_to_every_score(
     scripted = torch.jit.script(net.user_tower)
     torch.testing.assert_close(scripted(profile, history, state)[0], e_u)
     assert torch.jit.script(plain.user_tower)(profile, history, state)[0].shape[1] == 2 * SMALL.embedding_dim
+    e_u, _, _ = net.user_tower(profile, history, state)
+    e_i, _ = net.all_items()
+    (net.scale * (e_u[:, -k:] @ e_i[:, -k:].t())).sum().backward()
+    assert abs(float(net.log_scale.grad)) < 1e-4
+    assert any(float(p.grad.abs().sum()) > 0 for p in net.user_tower.state_items.parameters())
 
 
 def test_training_scores_each_sample_s_own_target_without_its_own_count(world) -> None:
@@ -495,9 +501,11 @@ def test_training_scores_each_sample_s_own_target_without_its_own_count(world) -
     served, read the table."""
     encoder, samples = world
     torch.manual_seed(6)
-    net = ColdWarmNet(encoder, SMALL.model_copy(update={"stage_popularity": True}), [], [0, 2]).eval()
-    table = torch.randn(net.n_items, 14)
-    without_own = table - torch.rand(net.n_items, 14) - 0.5
+    # Columns for the count buckets from the one holding 1 action (the second) on: 2, 3, ..., 13.
+    config = SMALL.model_copy(update={"stage_popularity": True, "stage_popularity_from": 2})
+    net = ColdWarmNet(encoder, config, [], [0, 2]).eval()
+    table = torch.randn(net.n_items, 12)
+    without_own = table - torch.rand(net.n_items, 12) - 0.5
     net.set_stage_popularity(table, without_own)
     profile, history, state, targets = samples.batch(torch.arange(16))
     positions = torch.cat([targets, torch.arange(net.n_items)])
@@ -507,8 +515,9 @@ def test_training_scores_each_sample_s_own_target_without_its_own_count(world) -
         left_out = net(profile, history, state, positions, positives=positives).logits
         g = net.user_tower.state_items(state)
     stages = state[:, COUNT_COLUMN]
-    counted_it = (torch.arange(14).unsqueeze(0) >= stages.unsqueeze(1)).float()
-    change = net.scale * (g * (without_own[targets] - table[targets]) * counted_it).sum(dim=1)
+    counted_it = (torch.arange(2, 14).unsqueeze(0) >= stages.unsqueeze(1)).float()
+    assert 0 < float(counted_it.mean()) < 1  # some samples' stages come after some columns
+    change = (g * (without_own[targets] - table[targets]) * counted_it).sum(dim=1)
     expected = plain.clone()
     expected[positives, positives] += change
     torch.testing.assert_close(left_out, expected, atol=1e-5, rtol=1e-5)

@@ -41,7 +41,7 @@ def standardised(values: list[float]) -> np.ndarray:
 
 def test_each_column_is_the_standardised_log_count_of_the_targets_up_to_its_stage() -> None:
     # Stage 1: item 0 chosen twice, item 1 once; stage 2: item 2 once; stage 0 never reached.
-    columns = stage_popularity_columns(samples_with([1, 1, 1, 2], [0, 0, 1, 2]), n_stages=4, n_items=3)
+    columns = stage_popularity_columns(samples_with([1, 1, 1, 2], [0, 0, 1, 2]), stages=range(4), n_items=3)
     table = columns.counted
     assert table.shape == (3, 4) and table.dtype == np.float32
     np.testing.assert_array_equal(table[:, 0], np.zeros(3))
@@ -56,7 +56,7 @@ def test_each_column_is_the_standardised_log_count_of_the_targets_up_to_its_stag
 def test_without_own_is_one_count_less_on_the_table_s_scale() -> None:
     """What a sample that chose an item finds in its columns: the counts less its own, standardised
     as the table is, so the difference to the table is the sample's own count alone."""
-    columns = stage_popularity_columns(samples_with([1, 1, 1, 2], [0, 0, 1, 2]), n_stages=4, n_items=3)
+    columns = stage_popularity_columns(samples_with([1, 1, 1, 2], [0, 0, 1, 2]), stages=range(4), n_items=3)
     logs = np.log([3.0, 2.0, 1.0])  # stage 1: log(1 + count) of items 0, 1, 2
     mean, std = logs.mean(), logs.std()
     less_one = np.log([2.0, 1.0, 1.0])  # log(1 + max(count - 1, 0))
@@ -65,10 +65,20 @@ def test_without_own_is_one_count_less_on_the_table_s_scale() -> None:
     np.testing.assert_array_equal(columns.without_own[:, 0], np.zeros(3))
 
 
+def test_columns_start_at_the_first_stage_asked_for() -> None:
+    """Narrow columns left out (ModelConfig.stage_popularity_from): the rest are as they were, still
+    counting the earlier stages' samples."""
+    samples = samples_with([1, 1, 1, 2, 3], [0, 0, 1, 2, 2])
+    every = stage_popularity_columns(samples, stages=range(4), n_items=3)
+    later = stage_popularity_columns(samples, stages=range(2, 4), n_items=3)
+    np.testing.assert_array_equal(later.counted, every.counted[:, 2:])
+    np.testing.assert_array_equal(later.without_own, every.without_own[:, 2:])
+
+
 def test_a_stage_whose_targets_are_all_alike_carries_nothing() -> None:
     """Every item chosen equally often up to a stage: no preference to add, and no division by a zero
     std."""
-    columns = stage_popularity_columns(samples_with([2, 2, 2], [0, 1, 2]), n_stages=3, n_items=3)
+    columns = stage_popularity_columns(samples_with([2, 2, 2], [0, 1, 2]), stages=range(3), n_items=3)
     np.testing.assert_array_equal(columns.counted, np.zeros((3, 3), dtype=np.float32))
     np.testing.assert_array_equal(columns.without_own, np.zeros((3, 3), dtype=np.float32))
 

@@ -16,7 +16,8 @@ from model_fixtures import one_torch_thread
 from model.data.split import split_users
 from model.data.synthetic import generate_synthetic
 from model.experiments import ExperimentOutcome, run_experiments
-from model.features import COUNT_COLUMN, FeatureEncoder
+from model.features import FeatureEncoder
+from model.nn.cold_warm_net import stage_popularity_stages
 from model.settings import ModelConfig, Settings, TrainConfig
 from model.stage_popularity import stage_popularity_columns
 from model.train import TrainingContext, fit_cold_warm_net, validation_score
@@ -152,8 +153,8 @@ def test_the_warm_phase_trains_the_warm_side_and_leaves_the_cold_side_as_it_was(
     if model.state_item_dims or model.stage_popularity:  # the term exists, frozen with the cold side
         assert any(n.startswith("item_scorer.state_items.") for n in after)
     if model.stage_popularity:  # counted from the training samples, not learnt
-        n_stages = context.encoder.state_cardinalities()[COUNT_COLUMN]
-        counted = stage_popularity_columns(context.samples, n_stages, phased.net.n_items)
+        stages = stage_popularity_stages(context.encoder, model)
+        counted = stage_popularity_columns(context.samples, stages, phased.net.n_items)
         np.testing.assert_array_equal(after["item_scorer.state_items.table"].numpy(), counted.counted)
         np.testing.assert_array_equal(
             after["item_scorer.state_items.without_own"].numpy(), counted.without_own

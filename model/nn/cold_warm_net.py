@@ -3,11 +3,13 @@
 score(u, i) = s · cos(e_u, e_i) + b_u + b_i, with e_u = w_cold · e_cold + w_warm · e_warm; with
 ``ModelConfig.similarity="dot"`` the towers' vectors are not normalised and s is fixed at 1.
 
-With ``ModelConfig.state_item_dims`` = k > 0, e_u gains g(state) (k values from the state features)
-and e_i gains v_i (k learnt values per item), adding s · <g(state), v_i> to every score: what a user
-at that state picks, whatever the profile and the history say. With ``ModelConfig.stage_popularity``
-v_i is not learnt but counted, the item's stage popularity (model/stage_popularity.py), one value per
-interaction-count bucket; ColdWarmNet.set_stage_popularity sets it from the training samples.
+With ``ModelConfig.state_item_dims`` = k > 0, e_u gains g(state) / s (k values from the state
+features) and e_i gains v_i (k learnt values per item), adding <g(state), v_i> to every score, outside
+the scale as b_i is: what a user at that state picks, whatever the profile and the history say.
+With ``ModelConfig.stage_popularity`` v_i is not learnt but counted, the item's stage popularity
+(model/stage_popularity.py), one value per interaction-count bucket from the first
+``stage_popularity_from`` actions on; ColdWarmNet.set_stage_popularity sets it from the training
+samples.
 
 With ``ModelConfig.expert_mixing="score"`` each expert ranks in its own item space and the gate mixes
 the scores: score(u, i) = s · (w_cold · cos(e_cold, e_i^cold) + w_warm · cos(e_warm, e_i^warm)) + b_u
@@ -17,11 +19,12 @@ e_i = [ê_i^cold ; ê_i^warm] (2d wide), so the index and the service need nothi
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.features import COUNT_COLUMN, PROFILE_COLUMNS, STATE_COLUMNS, FeatureEncoder
+from model.features import COUNT_COLUMN, PROFILE_COLUMNS, STATE_COLUMNS, FeatureEncoder, bucketise
 from model.nn.bias_net import SideBias
 from model.nn.experts import (
     ActionPooling,
@@ -102,11 +105,19 @@ def warm_expert(user_dim: int, attention: GroupAttention, config: ModelConfig) -
     )
 
 
+def stage_popularity_stages(encoder: FeatureEncoder, config: ModelConfig) -> range:
+    """The interaction-count buckets that have a stage popularity column: from the one holding
+    ``stage_popularity_from`` - 1 actions to the last."""
+    bounds = tuple(float(b) for b in encoder.config.count_bounds)
+    first = int(bucketise(np.array([config.stage_popularity_from - 1]), bounds)[0])
+    return range(first, encoder.state_cardinalities()[COUNT_COLUMN])
+
+
 def state_term_width(encoder: FeatureEncoder, config: ModelConfig) -> int:
-    """k of the state term: one value per interaction-count bucket with ``stage_popularity``, else
+    """k of the state term: one value per stage popularity column with ``stage_popularity``, else
     ``state_item_dims`` (0: no term)."""
     if config.stage_popularity:
-        return encoder.state_cardinalities()[COUNT_COLUMN]
+        return len(stage_popularity_stages(encoder, config))
     return config.state_item_dims
 
 
@@ -125,7 +136,8 @@ def item_state_term(encoder: FeatureEncoder, n_items: int, config: ModelConfig) 
     per catalog position, small so that it starts as a slight change to the scores."""
     width = state_term_width(encoder, config)
     if config.stage_popularity:
-        return StagePopularity(n_items, width)
+        stages = stage_popularity_stages(encoder, config)
+        return StagePopularity(n_items, stages.start, stages.stop)
     if not width:
         return None
     learnt = nn.Embedding(n_items, width)
@@ -143,6 +155,7 @@ class UserTower(nn.Module):
         config: ModelConfig,
         user_bias_columns: list[int],
         item_tower: ItemTower,
+        log_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         dim, hidden, feature = config.embedding_dim, config.hidden_dim, config.feature_dim
@@ -171,6 +184,19 @@ class UserTower(nn.Module):
         self.state_items = state_item_term(
             encoder.state_cardinalities(), feature, hidden, state_term_width(encoder, config)
         )
+        self._share_score_scale(log_scale)
+
+    def _share_score_scale(self, log_scale: torch.Tensor | None) -> None:
+        """With a state term, the net's learnt log s, shared (the same parameter), so that g(state)
+        can leave the query as g / s: the state term is then added as <g, v_i>, outside the cosine's
+        temperature as b_i is. Scaled by s it pulled s down (8.8 against 14.8 after three epochs on
+        MovieLens), softening the experts' cosines, and the net trained worse. Otherwise a fixed
+        log s outside the state dict (a net without the term saves what it saved before)."""
+        if self.state_items is not None and isinstance(log_scale, nn.Parameter):
+            self.score_log_scale = log_scale
+        else:
+            fixed = torch.zeros(()) if log_scale is None else log_scale.detach().clone()
+            self.register_buffer("score_log_scale", fixed, persistent=False)
 
     @torch.jit.export
     def experts(
@@ -199,10 +225,10 @@ class UserTower(nn.Module):
     def _with_state_items(
         self, e_u: torch.Tensor, own_cold: torch.Tensor, own_warm: torch.Tensor, state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """g(state) appended to e_u; the experts' own vectors get zeros there, so that each still
-        scores as that expert alone."""
+        """g(state) / s appended to e_u (s · <g / s, v_i> = <g, v_i>); the experts' own vectors get
+        zeros there, so that each still scores as that expert alone."""
         assert self.state_items is not None
-        g = self.state_items(state)
+        g = self.state_items(state) * torch.exp(-self.score_log_scale)
         zeros = torch.zeros_like(g)
         return (
             torch.cat([e_u, g], dim=1),
@@ -288,11 +314,16 @@ class ColdWarmNet(TwoTowerNet):
         self.item_bias_columns = list(item_bias_columns or [])
         self.item_scorer = ItemScorer(encoder, items, config, self.item_bias_columns)
         self.user_tower = UserTower(
-            encoder, items, config, self.user_bias_columns, self.item_scorer.warm_item_tower
+            encoder,
+            items,
+            config,
+            self.user_bias_columns,
+            self.item_scorer.warm_item_tower,
+            self.log_scale,
         )
 
     def set_stage_popularity(self, table: torch.Tensor, without_own: torch.Tensor) -> None:
-        """The (n_items, count buckets) columns of model/stage_popularity.py, with ``stage_popularity``."""
+        """The (n_items, stages) columns of model/stage_popularity.py, with ``stage_popularity``."""
         self._stage_popularity().set_columns(table, without_own)
 
     def own_target_change(
@@ -302,9 +333,9 @@ class ColdWarmNet(TwoTowerNet):
         if not self.config.stage_popularity:
             return None
         term = self._stage_popularity()
-        g = e_u[:, -term.width :]
+        g_over_s = e_u[:, -term.width :]
         change = term.own_target_change(targets, state[:, COUNT_COLUMN])
-        return self.scale * (g * change).sum(dim=1)
+        return self.scale * (g_over_s * change).sum(dim=1)
 
     def _stage_popularity(self) -> StagePopularity:
         term = self.item_scorer.state_items

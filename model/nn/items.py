@@ -96,11 +96,12 @@ class StagePopularity(nn.Module):
     scores as the trained one; beside them, the same columns less one count, for a sample's own
     target in training."""
 
-    def __init__(self, n_items: int, n_stages: int) -> None:
+    def __init__(self, n_items: int, first_stage: int, n_stages: int) -> None:
         super().__init__()
-        self.width = n_stages
-        self.register_buffer("table", torch.zeros(n_items, n_stages))
-        self.register_buffer("without_own", torch.zeros(n_items, n_stages))
+        self.first_stage = first_stage
+        self.width = n_stages - first_stage
+        self.register_buffer("table", torch.zeros(n_items, self.width))
+        self.register_buffer("without_own", torch.zeros(n_items, self.width))
 
     def set_columns(self, table: torch.Tensor, without_own: torch.Tensor) -> None:
         self.table.copy_(table)
@@ -112,6 +113,6 @@ class StagePopularity(nn.Module):
     def own_target_change(self, targets: torch.Tensor, stages: torch.Tensor) -> torch.Tensor:
         """(B, width): what leaving each sample out of the counts changes in its target's columns,
         which are those of its own stage (count bucket) and later."""
-        columns = torch.arange(self.width, device=stages.device)
+        columns = torch.arange(self.first_stage, self.first_stage + self.width, device=stages.device)
         counted_it = (columns.unsqueeze(0) >= stages.unsqueeze(1)).to(self.table.dtype)
         return (self.without_own[targets] - self.table[targets]) * counted_it
