@@ -134,13 +134,12 @@ def state_item_term(
 def item_state_term(encoder: FeatureEncoder, n_items: int, config: ModelConfig) -> nn.Module | None:
     """The items' side of the state term: stage popularity (counted, set by training), or v_i learnt
     per catalog position, small so that it starts as a slight change to the scores."""
-    width = state_term_width(encoder, config)
     if config.stage_popularity:
         stages = stage_popularity_stages(encoder, config)
         return StagePopularity(n_items, stages.start, stages.stop)
-    if not width:
+    if not config.state_item_dims:
         return None
-    learnt = nn.Embedding(n_items, width)
+    learnt = nn.Embedding(n_items, config.state_item_dims)
     nn.init.normal_(learnt.weight, std=0.01)
     return learnt
 
