@@ -345,13 +345,18 @@ def test_redis_kill_restart_and_pause_under_steady_load(
     # Normal windows: nothing degraded, every event stored. The windows after a fault start RECOVERY_S
     # after Redis returned ("back to normal within 1 s"). The pause began before its ack, so it is due to
     # end before pause_ack + PAUSE_S; Redis lifts it on its next cron tick (<= 100 ms at the default hz).
+    # A request still unanswered when the next fault began may have queued into it on a starved CPU
+    # (the server was seen 600 ms behind its callers): only its status is checked, not its flag.
     normal_windows = {
-        "before the kill": (t.start, t.kill - EDGE_S),
-        "after the restart": (t.back + RECOVERY_S, t.pause_sent - EDGE_S),
-        "after the pause": (t.pause_ack + PAUSE_S + RECOVERY_S, t.end),
+        "before the kill": (t.start, t.kill - EDGE_S, t.kill),
+        "after the restart": (t.back + RECOVERY_S, t.pause_sent - EDGE_S, t.pause_sent),
+        "after the pause": (t.pause_ack + PAUSE_S + RECOVERY_S, t.end, float("inf")),
     }
-    for name, (lo, hi) in normal_windows.items():
-        reads, writes = between(outcomes, "recommend", lo, hi), between(outcomes, "event", lo, hi)
+    for name, (lo, hi, next_fault) in normal_windows.items():
+        reads, writes = (
+            [o for o in between(outcomes, kind, lo, hi) if o.sent + o.latency < next_fault]
+            for kind in ("recommend", "event")
+        )
         assert len(reads) >= 0.5 * 0.7 * RATE_PER_S * (hi - lo) and writes, f"too few requests {name}"
         degraded = [(round(o.sent - t.start, 3), o.reason) for o in reads if o.degraded]
         assert not degraded, f"degraded answers {name}: {degraded[:10]}\n{timeline}"
