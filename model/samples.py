@@ -126,7 +126,9 @@ def prefix_states(
 @dataclass
 class TrainingSamples:
     """Prefix samples: sample i is user row ``user_row[i]`` before their ``position[i]``-th interaction,
-    in state ``state[i]``, and its target is that interaction's item (catalog position ``target[i]``).
+    in state ``state[i]``, and its target is that interaction's item (catalog position ``target[i]``),
+    or under a target window (``target_windows``) a later one. Samples are grouped by user row, in
+    position order.
 
     What a sample's history is (the user's ``max_history`` items before ``position``, newest first, as
     history codes) is not stored per sample but gathered when a batch is built: the users' whole
@@ -145,6 +147,8 @@ class TrainingSamples:
     state: torch.Tensor  # (samples, len(STATE_COLUMNS)), the smallest integer dtype that holds the codes
     target: torch.Tensor  # (samples,) int64
     max_history: int
+    # (samples,) float32 mean 1, or None (all alike): the target window's weights (``target_windows``)
+    window_weight: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.target.shape[0])
@@ -195,6 +199,56 @@ class TrainingSamples:
         return self.histories(torch.arange(len(self)))
 
 
+@dataclass(frozen=True)
+class TargetWindows:
+    """Samples added for a target window: extra sample j copies sample ``source[j]`` (its user,
+    position and request time) and is trained towards ``target[j]``, a later action of its user."""
+
+    source: np.ndarray  # (extra,) int64, into the one-target samples
+    target: np.ndarray  # (extra,) int64 catalog positions
+
+
+def target_windows(
+    sequences: UserSequences,
+    catalog_targets: np.ndarray,
+    user_rows: np.ndarray,
+    positions: np.ndarray,
+    config: TrainConfig,
+) -> TargetWindows:
+    """For each sample whose prefix is shorter than ``target_window_until``, one sample towards each
+    of the 2nd..``target_window``-th actions after the prefix that the sequence holds and the catalog
+    knows (``catalog_targets``: each interaction's catalog position, -1 outside it)."""
+    short = np.flatnonzero(positions < config.target_window_until)
+    ahead = np.arange(1, config.target_window)
+    source = np.repeat(short, len(ahead))
+    step = np.tile(ahead, len(short))
+    inside = positions[source] + step < sequences.lengths()[user_rows[source]]
+    source, step = source[inside], step[inside]
+    target = catalog_targets[sequences.offsets[user_rows[source]] + positions[source] + step]
+    known = target >= 0
+    return TargetWindows(source[known], target[known])
+
+
+def window_weights(n_samples: int, windows: TargetWindows, weighting: str) -> np.ndarray | None:
+    """Weights (mean 1) of the ``n_samples`` one-target samples followed by the window's: under
+    ``prefix`` the samples of one prefix share one weight, under ``target`` all weigh alike (None)."""
+    if weighting == "target" or not len(windows.source):
+        return None
+    per_prefix = 1 + np.bincount(windows.source, minlength=n_samples)
+    weights = 1.0 / per_prefix[np.concatenate([np.arange(n_samples), windows.source])]
+    return (weights / weights.mean()).astype(np.float32)
+
+
+def sample_weights(samples: TrainingSamples, history_balance: float) -> torch.Tensor | None:
+    """Each sample's loss weight (mean 1), or None when all weigh alike: the target window's weights
+    times ``history_balance_weights``."""
+    weights = samples.window_weight
+    if history_balance:
+        balance = history_balance_weights(samples, history_balance)
+        weights = balance if weights is None else weights * balance
+    return None if weights is None else weights / weights.mean()
+
+
 def history_lengths(history: torch.Tensor) -> torch.Tensor:
     """Items in each row of encoded histories (0 = padding), capped at the encoder's max_history."""
     return (history > 0).sum(dim=1)
@@ -228,11 +282,12 @@ def build_training_samples(
     lengths = sequences.lengths()
     user_rows = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
     positions = np.arange(len(user_rows)) - sequences.offsets[user_rows]
-    targets = encoder.catalog_positions(sequences.items)
-    keep = targets >= 0
-    user_rows, positions, targets = user_rows[keep], positions[keep], targets[keep]
+    catalog_targets = encoder.catalog_positions(sequences.items)
+    keep = catalog_targets >= 0
+    user_rows, positions, targets = user_rows[keep], positions[keep], catalog_targets[keep]
     del keep
     config = config or TrainConfig(session_start_share=0.0)
+    windows = target_windows(sequences, catalog_targets, user_rows, positions, config)
     now = session_start_times(sequences, user_rows, positions, config, np.random.default_rng(config.seed))
     state = np.empty((len(user_rows), len(STATE_COLUMNS)), dtype=state_dtype(encoder))
     for start in range(0, len(user_rows), chunk_size):
@@ -241,16 +296,25 @@ def build_training_samples(
             prefix_states(sequences, user_rows[chunk], positions[chunk], now[chunk])
         )
     del now
+    weights = window_weights(len(user_rows), windows, config.target_window_weight)
+    # The window's samples are copies of their prefix's sample with another target, placed beside it:
+    # samples stay grouped by user in position order (user groups and the MI sample read them so).
+    rows = np.concatenate([np.arange(len(user_rows)), windows.source])
+    order = np.lexsort((positions[rows], user_rows[rows]))
+    rows = rows[order]
+    weights = None if weights is None else weights[order]
+    targets = np.concatenate([targets, windows.target])[order]
     profiles = profile_arrays(data_users, sequences.user_ids)
     return TrainingSamples(
         user_profile=torch.as_tensor(encoder.encode_profiles(profiles, len(sequences.user_ids))),
         sequence_codes=torch.as_tensor(encoder.history_codes(sequences.items).astype(np.int32)),
         sequence_offsets=torch.as_tensor(sequences.offsets, dtype=torch.long),
-        user_row=user_rows,
-        position=torch.as_tensor(positions.astype(np.int32)),
-        state=torch.as_tensor(state),
+        user_row=user_rows[rows],
+        position=torch.as_tensor(positions[rows].astype(np.int32)),
+        state=torch.as_tensor(state[rows]),
         target=torch.as_tensor(targets, dtype=torch.long),
         max_history=encoder.config.max_history,
+        window_weight=None if weights is None else torch.from_numpy(weights),
     )
 
 

@@ -190,6 +190,23 @@ class TrainConfig(BaseModel):
         "at max_history) ^ -history_balance, normalised to mean 1: 0 weighs every sample alike, 1 gives "
         "every history length the same total weight (short histories are rare among prefix samples)",
     )
+    target_window: int = Field(
+        1,
+        ge=1,
+        description="a prefix with fewer than target_window_until actions is trained towards each of "
+        "its next target_window actions, one sample per target (1: the next action only). The "
+        "protocol asks for the next 10, and a new user's next one alone is noisy: actions of one "
+        "moment have no order, and MovieLens orders a sign-up's same-second ratings by item id",
+    )
+    target_window_until: int = Field(
+        10, ge=1, description="the prefixes shorter than this many actions get target_window targets"
+    )
+    target_window_weight: Literal["prefix", "target"] = Field(
+        "prefix",
+        description="prefix: a prefix's window samples share one sample's weight, so only what its "
+        "targets are changes; target: each weighs as a sample of its own, so short prefixes also "
+        "weigh more",
+    )
     warm_phase_epochs: int = Field(
         8,
         ge=0,

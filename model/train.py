@@ -34,8 +34,8 @@ from model.samples import (
     TrainingSamples,
     UserSequences,
     build_training_samples,
-    history_balance_weights,
     history_lengths,
+    sample_weights,
 )
 from model.settings import ModelConfig, TrainConfig
 from model.stage_popularity import stage_popularity_columns
@@ -358,9 +358,7 @@ def run_epochs(
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     item_log_q = item_log_frequencies(context.samples, net.n_items)
     use_dkd = model_config.use_dkd and model_config.use_cold_expert and model_config.use_warm_expert
-    weights = (
-        history_balance_weights(context.samples, config.history_balance) if config.history_balance else None
-    )
+    weights = sample_weights(context.samples, config.history_balance)
     history: list[dict[str, float]] = []
     best_score, stale = -1.0, 0
     best_state = copy.deepcopy(net.state_dict()) if layout.is_main else None

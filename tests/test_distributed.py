@@ -213,7 +213,7 @@ def test_two_ranks_average_to_one_process_on_the_same_batch(
     samples = context.samples
     index = torch.arange(64)
     log_q = item_log_frequencies(samples, net.n_items)
-    weights = train.history_balance_weights(samples, config.history_balance)
+    weights = train.sample_weights(samples, config.history_balance)
     dkd = model_config.use_dkd
 
     def step(rows: slice | None) -> tuple[float, float, dict[str, torch.Tensor]]:

@@ -1,0 +1,100 @@
+"""Target windows (``TrainConfig.target_window``): a short prefix is trained towards each of its next
+few actions, as the protocol asks for the next ten, with copies of its sample beside it."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+
+from model.data.split import split_users
+from model.data.synthetic import generate_synthetic
+from model.features import FeatureEncoder
+from model.samples import UserSequences, build_training_samples, sample_weights
+from model.settings import FeatureConfig, TrainConfig
+
+NO_SESSION_STARTS = TrainConfig(session_start_share=0.0)
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[UserSequences, FeatureEncoder, object]:
+    data = generate_synthetic(n_users=60, n_items=90, seed=4)
+    split = split_users(data)
+    encoder = FeatureEncoder.fit(data, split.train, FeatureConfig(max_history=8))
+    return UserSequences.from_interactions(data.interactions, split.train), encoder, data.users
+
+
+def build(setup: tuple, **update: object):
+    sequences, encoder, users = setup
+    return build_training_samples(users, sequences, encoder, NO_SESSION_STARTS.model_copy(update=update))
+
+
+def targets_by_prefix(samples) -> dict[tuple[int, int], list[int]]:
+    found: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for row, position, target in zip(
+        samples.user_row, samples.position.tolist(), samples.target.tolist(), strict=True
+    ):
+        found[(int(row), position)].append(target)
+    return found
+
+
+def test_a_short_prefix_gets_a_sample_for_each_of_its_next_actions(setup: tuple) -> None:
+    sequences, encoder, _ = setup
+    one = build(setup)
+    window = build(setup, target_window=3, target_window_until=4)
+    catalog = encoder.catalog_positions(sequences.items)
+    expected_extra = 0
+    found = targets_by_prefix(window)
+    for (row, position), targets in targets_by_prefix(one).items():
+        start = sequences.offsets[row] + position
+        if position < 4:
+            end = min(start + 3, sequences.offsets[row + 1])
+            ahead = [int(c) for c in catalog[start:end] if c >= 0]
+            assert sorted(found[(row, position)]) == sorted(ahead)
+            expected_extra += len(ahead) - 1
+        else:
+            assert found[(row, position)] == targets == [int(catalog[start])]
+    assert len(window) == len(one) + expected_extra > len(one)
+    # The samples stay grouped by user, in position order; copies carry their prefix's state and history.
+    keys = window.user_row * 10**6 + window.position.numpy()
+    assert (np.diff(keys) >= 0).all()
+    histories = window.histories(torch.arange(len(window)))
+    starts = np.flatnonzero(np.r_[True, np.diff(keys) > 0])
+    first_of = starts[np.searchsorted(starts, np.arange(len(window)), side="right") - 1]
+    assert (first_of != np.arange(len(window))).sum() == expected_extra
+    assert torch.equal(window.state, window.state[first_of])
+    assert torch.equal(histories, histories[first_of])
+
+
+def test_a_window_of_one_is_the_next_action_only(setup: tuple) -> None:
+    one, same = build(setup), build(setup, target_window=1, target_window_until=50)
+    assert torch.equal(one.target, same.target) and torch.equal(one.state, same.state)
+    assert one.window_weight is None and same.window_weight is None
+
+
+def test_prefix_weighting_gives_each_prefix_one_sample_s_weight(setup: tuple) -> None:
+    samples = build(setup, target_window=4, target_window_until=3)
+    weights = sample_weights(samples, history_balance=0.0)
+    assert weights is not None
+    assert weights.mean().item() == pytest.approx(1.0)
+    per_prefix: dict[tuple[int, int], float] = defaultdict(float)
+    for row, position, weight in zip(
+        samples.user_row, samples.position.tolist(), weights.tolist(), strict=True
+    ):
+        per_prefix[(int(row), position)] += weight
+    assert np.allclose(list(per_prefix.values()), next(iter(per_prefix.values())), rtol=1e-5)
+    # Under "target" every sample weighs alike.
+    assert sample_weights(build(setup, target_window=4, target_window_weight="target"), 0.0) is None
+
+
+def test_history_balance_multiplies_the_window_weights(setup: tuple) -> None:
+    samples = build(setup, target_window=4, target_window_until=3)
+    combined = sample_weights(samples, history_balance=0.5)
+    assert combined is not None and combined.mean().item() == pytest.approx(1.0)
+    samples_plain = build(setup, target_window=4, target_window_until=3, target_window_weight="target")
+    balance = sample_weights(samples_plain, history_balance=0.5)
+    assert balance is not None
+    expected = samples.window_weight * balance
+    torch.testing.assert_close(combined, expected / expected.mean())
