@@ -229,10 +229,21 @@ def target_windows(
     return TargetWindows(source[known], target[known])
 
 
-def window_weights(n_samples: int, windows: TargetWindows, weighting: str) -> np.ndarray | None:
+def drawn_targets(targets: np.ndarray, windows: TargetWindows, rng: np.random.Generator) -> np.ndarray:
+    """Each sample's target drawn uniformly from its own (``targets``) and its window's."""
+    extra = np.bincount(windows.source, minlength=len(targets))
+    pick = np.floor(rng.random(len(targets)) * (1 + extra)).astype(np.int64)  # 0: its own target
+    first_extra = np.concatenate([[0], np.cumsum(extra)[:-1]])  # windows.source is sorted
+    drawn = targets.copy()
+    moved = pick > 0
+    drawn[moved] = windows.target[first_extra[moved] + pick[moved] - 1]
+    return drawn
+
+
+def window_weights(n_samples: int, windows: TargetWindows, mode: str) -> np.ndarray | None:
     """Weights (mean 1) of the ``n_samples`` one-target samples followed by the window's: under
     ``prefix`` the samples of one prefix share one weight, under ``target`` all weigh alike (None)."""
-    if weighting == "target" or not len(windows.source):
+    if mode != "prefix" or not len(windows.source):
         return None
     per_prefix = 1 + np.bincount(windows.source, minlength=n_samples)
     weights = 1.0 / per_prefix[np.concatenate([np.arange(n_samples), windows.source])]
@@ -288,6 +299,12 @@ def build_training_samples(
     del keep
     config = config or TrainConfig(session_start_share=0.0)
     windows = target_windows(sequences, catalog_targets, user_rows, positions, config)
+    if config.target_window_mode == "draw":
+        rng = np.random.default_rng([config.seed, 1])
+        targets, windows = (
+            drawn_targets(targets, windows, rng),
+            TargetWindows(windows.source[:0], windows.target[:0]),
+        )
     now = session_start_times(sequences, user_rows, positions, config, np.random.default_rng(config.seed))
     state = np.empty((len(user_rows), len(STATE_COLUMNS)), dtype=state_dtype(encoder))
     for start in range(0, len(user_rows), chunk_size):
@@ -296,7 +313,7 @@ def build_training_samples(
             prefix_states(sequences, user_rows[chunk], positions[chunk], now[chunk])
         )
     del now
-    weights = window_weights(len(user_rows), windows, config.target_window_weight)
+    weights = window_weights(len(user_rows), windows, config.target_window_mode)
     # The window's samples are copies of their prefix's sample with another target, placed beside it:
     # samples stay grouped by user in position order (user groups and the MI sample read them so).
     rows = np.concatenate([np.arange(len(user_rows)), windows.source])

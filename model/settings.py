@@ -201,11 +201,13 @@ class TrainConfig(BaseModel):
     target_window_until: int = Field(
         10, ge=1, description="the prefixes shorter than this many actions get target_window targets"
     )
-    target_window_weight: Literal["prefix", "target"] = Field(
+    target_window_mode: Literal["prefix", "target", "draw"] = Field(
         "prefix",
-        description="prefix: a prefix's window samples share one sample's weight, so only what its "
-        "targets are changes; target: each weighs as a sample of its own, so short prefixes also "
-        "weigh more",
+        description="prefix: a copy of the prefix's sample per target, the copies sharing one sample's "
+        "weight, so only what its targets are changes; target: each copy weighs as a sample of its "
+        "own, so short prefixes also weigh more; draw: no copies, the prefix's one sample is trained "
+        "towards a target drawn (seeded) from its window, the prefix weighting's loss in expectation "
+        "at the cost of one sample",
     )
     warm_phase_epochs: int = Field(
         8,

@@ -86,15 +86,39 @@ def test_prefix_weighting_gives_each_prefix_one_sample_s_weight(setup: tuple) ->
         per_prefix[(int(row), position)] += weight
     assert np.allclose(list(per_prefix.values()), next(iter(per_prefix.values())), rtol=1e-5)
     # Under "target" every sample weighs alike.
-    assert sample_weights(build(setup, target_window=4, target_window_weight="target"), 0.0) is None
+    assert sample_weights(build(setup, target_window=4, target_window_mode="target"), 0.0) is None
 
 
 def test_history_balance_multiplies_the_window_weights(setup: tuple) -> None:
     samples = build(setup, target_window=4, target_window_until=3)
     combined = sample_weights(samples, history_balance=0.5)
     assert combined is not None and combined.mean().item() == pytest.approx(1.0)
-    samples_plain = build(setup, target_window=4, target_window_until=3, target_window_weight="target")
+    samples_plain = build(setup, target_window=4, target_window_until=3, target_window_mode="target")
     balance = sample_weights(samples_plain, history_balance=0.5)
     assert balance is not None
     expected = samples.window_weight * balance
     torch.testing.assert_close(combined, expected / expected.mean())
+
+
+def test_draw_mode_keeps_one_sample_per_prefix_with_a_target_from_its_window(setup: tuple) -> None:
+    sequences, encoder, _ = setup
+    one = build(setup)
+    drawn = build(setup, target_window=5, target_window_until=1000, target_window_mode="draw", seed=2)
+    catalog = encoder.catalog_positions(sequences.items)
+    assert len(drawn) == len(one) and drawn.window_weight is None
+    assert np.array_equal(drawn.user_row, one.user_row) and torch.equal(drawn.position, one.position)
+    ahead = []
+    for row, position, target in zip(
+        drawn.user_row, drawn.position.tolist(), drawn.target.tolist(), strict=True
+    ):
+        start = sequences.offsets[row] + position
+        window = catalog[start : min(start + 5, sequences.offsets[row + 1])].tolist()
+        assert target in window
+        ahead.append(window.index(target))
+    # Uniform over the window: each of the next five actions is drawn about as often (the prefixes
+    # near a sequence's end have fewer).
+    counts = np.bincount(ahead, minlength=5)
+    assert counts.min() > 0.6 * len(drawn) / 5 and counts.max() < 1.6 * len(drawn) / 5
+    again = build(setup, target_window=5, target_window_until=1000, target_window_mode="draw", seed=2)
+    other = build(setup, target_window=5, target_window_until=1000, target_window_mode="draw", seed=3)
+    assert torch.equal(again.target, drawn.target) and not torch.equal(other.target, drawn.target)
