@@ -45,6 +45,13 @@ LONGER_TRAINING: dict[str, Any] = {"epochs": 16, "validation_group": "all", "val
 # mixing with a warm phase measured best over three seeds (the last two variants).
 EMBEDDING_MIXING: dict[str, Any] = {"expert_mixing": "embedding"}
 NO_WARM_PHASE: dict[str, Any] = {"warm_phase_epochs": 0}
+# The prefixes of cold start and a little beyond, each trained towards its next ten actions (the
+# protocol's targets), its copies sharing one sample's weight.
+TARGET_WINDOW: dict[str, Any] = {
+    "target_window": 10,
+    "target_window_until": 10,
+    "target_window_mode": "prefix",
+}
 
 
 def from_the_paper_form(
@@ -102,6 +109,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "score mixing, warm phase, stage popularity": from_the_paper_form(
         {"expert_mixing": "score", "stage_popularity": True}, {"warm_phase_epochs": 8}
+    ),
+    "score mixing, a target window of 10 below 10 actions": from_the_paper_form(
+        {"expert_mixing": "score"}, TARGET_WINDOW
+    ),
+    "score mixing, warm phase, a target window of 10 below 10 actions": from_the_paper_form(
+        {"expert_mixing": "score"}, TARGET_WINDOW | {"warm_phase_epochs": 8}
     ),
 }
 # Baselines measured beside the variants on the same validation users, trained with their own recipe
