@@ -24,7 +24,7 @@ from typing import Any
 
 from coldwarm.cli import build_context, setup_logging
 from model.data.loading import load_dataset
-from model.evaluation.protocol import evaluate, gate_cold_means
+from model.evaluation.protocol import evaluate, gate_cold_summary
 from model.evaluation.seeds import sample_std
 from model.experiments import train_variant
 from model.ranker import ModelRanker
@@ -167,6 +167,7 @@ def measured_row(
     catalog = data.catalog_item_ids()
     ranker = ModelRanker(trained.name, trained.net, context.encoder, data.users, catalog)
     result = evaluate(ranker, points, catalog, progress=False)
+    gates = gate_cold_summary(points, ranker.gates(points))
     main = [e for e in trained.epochs if "validation" in e]
     best = max(main, key=lambda e: e["validation"])
     phase = [e for e in trained.epochs if "warm_phase_validation" in e]
@@ -179,7 +180,8 @@ def measured_row(
             g: {m: round(result.groups[g][m], 4) for m in ("recall@50", "ndcg@50", "ndcg@10")} for g in GROUPS
         },
         "curve": {str(h): round(ms["recall@50"], 4) for h, ms in result.curve.items()},
-        "gate_cold_mean": {g: round(v, 4) for g, v in gate_cold_means(points, ranker.gates(points)).items()},
+        "gate_cold_mean": {g: round(v["gate_cold"], 4) for g, v in gates.groups.items()},
+        "gate_cold_curve": {str(h): round(v["gate_cold"], 3) for h, v in gates.curve.items()},
         "epochs": len(main),
         "best_epoch": int(best["epoch"]),
         **(

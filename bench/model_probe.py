@@ -1,6 +1,6 @@
 """A quick probe of one Cold & Warm Net configuration on the validation users: the main loop alone for
 a few epochs (no warm phase, no early stop), then every group's Recall@50 / NDCG@50, the per-h
-Recall@50 curve, the learnt scale s and the training loss per epoch.
+Recall@50 curve and the gate's cold weight per h, the learnt scale s and the training loss per epoch.
 
 A probe is not a choice: choices take three validation seeds of the whole recipe
 (bench/model_choices.py). It tells in about ten minutes whether an idea is worth those seeds, and
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from coldwarm.cli import build_context, setup_logging
 from model.data.movielens import load_movielens
-from model.evaluation.protocol import evaluate
+from model.evaluation.protocol import evaluate, gate_cold_summary
 from model.ranker import ModelRanker
 from model.settings import Settings
 from model.train import fit_cold_warm_net, set_torch_threads
@@ -50,6 +50,7 @@ def main() -> None:
     catalog = data.catalog_item_ids()
     ranker = ModelRanker(trained.name, trained.net, context.encoder, data.users, catalog)
     result = evaluate(ranker, context.validation_points, catalog, progress=False)
+    gates = gate_cold_summary(context.validation_points, ranker.gates(context.validation_points))
     entry = {
         "model": settings.model.model_dump(mode="json", exclude_defaults=True),
         "train": settings.train.model_dump(mode="json", exclude_defaults=True, exclude={"torch_threads"}),
@@ -67,6 +68,7 @@ def main() -> None:
             g: {m: round(result.groups[g][m], 4) for m in ("recall@50", "ndcg@50")} for g in result.groups
         },
         "curve": {str(h): round(ms["recall@50"], 4) for h, ms in result.curve.items()},
+        "gate_cold_curve": {str(h): round(v["gate_cold"], 3) for h, v in gates.curve.items()},
     }
     entries = json.loads(args.out.read_text()) if args.out.exists() else {}
     entries[args.label] = entry

@@ -273,13 +273,17 @@ def point_arrays(points: Sequence[EvalPoint]) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def gate_cold_means(points: Sequence[EvalPoint], gates: np.ndarray) -> dict[str, float]:
-    """Mean cold-expert gate weight per group ((n, 2) gates [cold, warm]): how "cold" the model takes
-    each group's users, averaged by ``summarise`` like a metric."""
+def gate_cold_summary(points: Sequence[EvalPoint], gates: np.ndarray) -> EvaluationResult:
+    """Mean cold-expert gate weight ("gate_cold") per group and per h ((n, 2) gates [cold, warm]):
+    how "cold" the model takes each group's users, averaged by ``summarise`` like a metric."""
     point_h, point_user = point_arrays(points)
     cold = np.asarray(gates, dtype=np.float64).reshape(len(points), 2)[:, 0]
-    result = summarise("gate", {"gate_cold": cold}, point_h, point_user)
-    return {group: values["gate_cold"] for group, values in result.groups.items()}
+    return summarise("gate", {"gate_cold": cold}, point_h, point_user)
+
+
+def gate_cold_means(points: Sequence[EvalPoint], gates: np.ndarray) -> dict[str, float]:
+    """``gate_cold_summary``'s means per group."""
+    return {group: values["gate_cold"] for group, values in gate_cold_summary(points, gates).groups.items()}
 
 
 def evaluate(
