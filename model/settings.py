@@ -71,6 +71,12 @@ class ModelConfig(BaseModel):
         "not only the gate: what a user in their first session picks differs from what the same "
         "profile picks later, and the additive biases cannot say so",
     )
+    expert_state_columns: Literal["all", "count"] = Field(
+        "all",
+        description="with expert_state_input, which state features the experts read: all three, or the "
+        "interaction count alone (where a user is in a sign-up flow, e.g. MovieLens's first page of "
+        "five ratings), not the days since the first and last action",
+    )
     warm_action_skip: bool = Field(
         False,
         description="the warm expert's output also adds the pooling's newest reading of the history "

@@ -628,3 +628,28 @@ def test_training_runs_where_the_settings_say() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="COLDWARM_TRAIN__DEVICE"):
             training_device(TrainConfig(device="cuda"))
+
+
+@pytest.mark.parametrize("columns", ["all", "count"])
+def test_the_experts_read_the_state_columns_they_are_given(
+    world: tuple[FeatureEncoder, TrainingSamples], columns: str
+) -> None:
+    """With expert_state_columns=count the experts' own vectors move with the interaction count and
+    not with the days since the first and last action; with all they move with every column."""
+    encoder, samples = world
+    torch.manual_seed(0)
+    config = SMALL.model_copy(update={"expert_state_input": True, "expert_state_columns": columns})
+    net = ColdWarmNet(encoder, config, [], []).eval()
+    profile, history, state, _ = samples.batch(torch.arange(16))
+    cards = encoder.state_cardinalities()
+
+    def cold(state: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return net.user_tower.experts(profile, history, state)[3]
+
+    base = cold(state)
+    for column in range(len(cards)):
+        moved = state.clone()
+        moved[:, column] = (moved[:, column] + 1) % cards[column]
+        changed = not torch.allclose(cold(moved), base)
+        assert changed == (columns == "all" or column == COUNT_COLUMN), column

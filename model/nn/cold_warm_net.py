@@ -144,6 +144,13 @@ def item_state_term(encoder: FeatureEncoder, n_items: int, config: ModelConfig) 
     return learnt
 
 
+def expert_state_columns(config: ModelConfig) -> list[int]:
+    """The state columns the experts read beside the profile (none without expert_state_input)."""
+    if not config.expert_state_input:
+        return []
+    return [COUNT_COLUMN] if config.expert_state_columns == "count" else list(range(len(STATE_COLUMNS)))
+
+
 class UserTower(nn.Module):
     """(profile, history, state) → (normalised e_u, b_u, gate weights); what the service runs."""
 
@@ -161,8 +168,9 @@ class UserTower(nn.Module):
         self.profile = CategoricalEmbeddings(encoder.profile_cardinalities(), feature)
         # With expert_state_input the experts read the state beside the profile; a table set without
         # columns (out_dim 0) otherwise, so the exported tower has one shape of code either way.
-        state_columns = encoder.state_cardinalities() if config.expert_state_input else ()
-        self.expert_state = CategoricalEmbeddings(state_columns, feature)
+        read = expert_state_columns(config)
+        self.expert_state = CategoricalEmbeddings([encoder.state_cardinalities()[c] for c in read], feature)
+        self.register_buffer("expert_state_read", torch.tensor(read, dtype=torch.long), persistent=False)
         user_dim = self.profile.out_dim + self.expert_state.out_dim
         self.item_inputs = history_item_inputs(encoder, items, config, item_tower)
         self.pooling = action_pooling(encoder.config.max_history, config)
@@ -204,7 +212,8 @@ class UserTower(nn.Module):
         """e_u, b_u, gate, and each expert's own normalised embedding (for distillation)."""
         profile_features = self.profile(profile)
         if self.expert_state.out_dim > 0:
-            profile_features = torch.cat([profile_features, self.expert_state(state)], dim=1)
+            read = self.expert_state(state.index_select(1, self.expert_state_read))
+            profile_features = torch.cat([profile_features, read], dim=1)
         e_cold = self.cold(profile_features)
         e_warm = self.warm(profile_features, self.pooling(self.item_inputs(history), history))
         gate = self.gate(state)
