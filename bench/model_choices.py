@@ -47,6 +47,8 @@ EMBEDDING_MIXING: dict[str, Any] = {"expert_mixing": "embedding"}
 NO_WARM_PHASE: dict[str, Any] = {"warm_phase_epochs": 0}
 # The prefixes of cold start and a little beyond, each trained towards its next ten actions (the
 # protocol's targets), its copies sharing one sample's weight.
+# Which page of a sign-up a user is on (MovieLens: the first five ratings are one), for both experts.
+EXPERTS_READ_THE_COUNT: dict[str, Any] = {"expert_state_input": True, "expert_state_columns": "count"}
 TARGET_WINDOW: dict[str, Any] = {
     "target_window": 10,
     "target_window_until": 10,
@@ -115,6 +117,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "score mixing, warm phase, a target window of 10 below 10 actions": from_the_paper_form(
         {"expert_mixing": "score"}, TARGET_WINDOW | {"warm_phase_epochs": 8}
+    ),
+    "score mixing, experts read the count, a target window of 10 below 10 actions": from_the_paper_form(
+        {"expert_mixing": "score"} | EXPERTS_READ_THE_COUNT, TARGET_WINDOW
+    ),
+    "score mixing, warm phase, experts read the count, a target window of 10 below 10 actions": (
+        from_the_paper_form(
+            {"expert_mixing": "score"} | EXPERTS_READ_THE_COUNT, TARGET_WINDOW | {"warm_phase_epochs": 8}
+        )
     ),
 }
 # Baselines measured beside the variants on the same validation users, trained with their own recipe
