@@ -314,21 +314,23 @@ def build_training_samples(
         )
     del now
     weights = window_weights(len(user_rows), windows, config.target_window_mode)
-    # The window's samples are copies of their prefix's sample with another target, placed beside it:
-    # samples stay grouped by user in position order (user groups and the MI sample read them so).
-    rows = np.concatenate([np.arange(len(user_rows)), windows.source])
-    order = np.lexsort((positions[rows], user_rows[rows]))
-    rows = rows[order]
-    weights = None if weights is None else weights[order]
-    targets = np.concatenate([targets, windows.target])[order]
+    if len(windows.source):
+        # The window's samples are copies of their prefix's sample with another target, placed beside
+        # it: samples stay grouped by user in position order (user groups and the MI sample read them so).
+        rows = np.concatenate([np.arange(len(user_rows)), windows.source])
+        order = np.lexsort((positions[rows], user_rows[rows]))
+        rows = rows[order]
+        user_rows, positions, state = user_rows[rows], positions[rows], state[rows]
+        targets = np.concatenate([targets, windows.target])[order]
+        weights = None if weights is None else weights[order]
     profiles = profile_arrays(data_users, sequences.user_ids)
     return TrainingSamples(
         user_profile=torch.as_tensor(encoder.encode_profiles(profiles, len(sequences.user_ids))),
         sequence_codes=torch.as_tensor(encoder.history_codes(sequences.items).astype(np.int32)),
         sequence_offsets=torch.as_tensor(sequences.offsets, dtype=torch.long),
-        user_row=user_rows[rows],
-        position=torch.as_tensor(positions[rows].astype(np.int32)),
-        state=torch.as_tensor(state[rows]),
+        user_row=user_rows,
+        position=torch.as_tensor(positions.astype(np.int32)),
+        state=torch.as_tensor(state),
         target=torch.as_tensor(targets, dtype=torch.long),
         max_history=encoder.config.max_history,
         window_weight=None if weights is None else torch.from_numpy(weights),
