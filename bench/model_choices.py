@@ -45,10 +45,10 @@ LONGER_TRAINING: dict[str, Any] = {"epochs": 16, "validation_group": "all", "val
 # mixing with a warm phase measured best over three seeds (the last two variants).
 EMBEDDING_MIXING: dict[str, Any] = {"expert_mixing": "embedding"}
 NO_WARM_PHASE: dict[str, Any] = {"warm_phase_epochs": 0}
-# The prefixes of cold start and a little beyond, each trained towards its next ten actions (the
-# protocol's targets), its copies sharing one sample's weight.
 # Which page of a sign-up a user is on (MovieLens: the first five ratings are one), for both experts.
 EXPERTS_READ_THE_COUNT: dict[str, Any] = {"expert_state_input": True, "expert_state_columns": "count"}
+# The prefixes of cold start and a little beyond, each trained towards its next ten actions (the
+# protocol's targets), its copies sharing one sample's weight.
 TARGET_WINDOW: dict[str, Any] = {
     "target_window": 10,
     "target_window_until": 10,
