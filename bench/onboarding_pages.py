@@ -28,10 +28,10 @@ TOP = 50
 
 
 def positions(interactions: pd.DataFrame) -> pd.DataFrame:
-    ordered = interactions.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
-    return ordered.assign(
-        position=ordered.groupby("user_id").cumcount(), gap=ordered.groupby("user_id")["timestamp"].diff()
-    )
+    """Each action's position in its user's sequence and the seconds since the previous one; loaded
+    interactions are already in the protocol's order (``normalise_interactions``)."""
+    by_user = interactions.groupby("user_id")
+    return interactions.assign(position=by_user.cumcount(), gap=by_user["timestamp"].diff())
 
 
 def top_items(frame: pd.DataFrame, lo: int, hi: int) -> tuple[set[int], float]:
