@@ -24,6 +24,7 @@ torch backends (``bench/gpu_check.py``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence, Set
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
@@ -104,6 +105,9 @@ class TorchExactSearch:
         self.max_scores = max_scores
         self._vectors = _tensor(vectors).to(device)
         self._item_ids = _tensor(item_ids).to(device)
+        # Item id -> row position by bisection: a dict over a million ids would cost ~100 MB.
+        self._id_order = np.argsort(item_ids, kind="stable")
+        self._sorted_ids = item_ids[self._id_order]
         if device.type == "cuda" and _matmul_is_reduced_precision():
             logger.warning("float32 matmul precision is not 'highest': %s scores run in TF32", self.name)
 
@@ -112,9 +116,33 @@ class TorchExactSearch:
         scores, ids = self.search_tensor(_tensor(queries), k)
         return scores.cpu().numpy(), ids.cpu().numpy()
 
-    def search_tensor(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_excluding(
+        self, queries: np.ndarray, k: int, exclude: Sequence[Set[int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if len(exclude) != len(queries):
+            raise ValueError(f"need one exclusion set per query ({len(queries)}), got {len(exclude)}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        scores, ids = self.search_tensor(_tensor(queries), k, self.excluded_positions(exclude))
+        return scores.cpu().numpy(), ids.cpu().numpy()
+
+    def excluded_positions(self, exclude: Sequence[Set[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query rows, catalog positions) of the excluded items the catalog holds, on this device."""
+        sizes = np.fromiter((len(items) for items in exclude), dtype=np.int64, count=len(exclude))
+        wanted = np.fromiter(
+            (item for items in exclude for item in items), dtype=np.int64, count=int(sizes.sum())
+        )
+        rows = np.repeat(np.arange(len(exclude), dtype=np.int64), sizes)
+        at = np.minimum(np.searchsorted(self._sorted_ids, wanted), self.n_items - 1)
+        held = self._sorted_ids[at] == wanted
+        positions = self._id_order[at[held]]
+        return torch.from_numpy(rows[held]).to(self.device), torch.from_numpy(positions).to(self.device)
+
+    def search_tensor(
+        self, queries: torch.Tensor, k: int, excluded: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``search`` for queries already in a tensor (a GPU tower's output need not visit the host):
-        float32 scores and int64 item ids (B, k) on this backend's device."""
+        float32 scores and int64 item ids (B, k) on this backend's device. ``excluded`` (query rows,
+        catalog positions), from ``excluded_positions``, leaves those items out of those rows."""
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"need queries (B, {self.dim}), got {tuple(queries.shape)}")
         if k < 1:
@@ -126,33 +154,59 @@ class TorchExactSearch:
                 scores = queries.new_empty((0, found))
                 positions = torch.empty((0, found), dtype=torch.int64, device=self.device)
             else:
-                scores, positions = self._top_positions(queries, found)
+                scores, positions = self._top_positions(queries, found, excluded)
             ids = self._item_ids[positions]
+            if excluded is not None:
+                # Left-out items rank last, at -inf: where fewer than k remain they fill the tail.
+                ids = ids.masked_fill(scores == -torch.inf, EMPTY_ID)
             if k > found:
                 scores = torch.nn.functional.pad(scores, (0, k - found), value=-torch.inf)
                 ids = torch.nn.functional.pad(ids, (0, k - found), value=EMPTY_ID)
         return scores, ids
 
-    def _top_positions(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _top_positions(
+        self, queries: torch.Tensor, k: int, excluded: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k row positions, in blocks of at most ``max_scores`` scores: rows of queries against the
         whole catalog, or, when one row alone is over budget, one query against item blocks in turn."""
         block = min(self.n_items, self.max_scores)
         rows = self.max_scores // block
         parts = [
-            self._top_in_blocks(queries[start : start + rows], k, block)
+            self._top_in_blocks(queries[start : start + rows], k, block, _rows_within(excluded, start, rows))
             for start in range(0, len(queries), rows)
         ]
         return torch.cat([s for s, _ in parts]), torch.cat([p for _, p in parts])
 
-    def _top_in_blocks(self, queries: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _top_in_blocks(
+        self,
+        queries: torch.Tensor,
+        k: int,
+        block: int,
+        excluded: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         best: tuple[torch.Tensor, torch.Tensor] | None = None
         for start in range(0, self.n_items, block):
             block_scores = queries @ self._vectors[start : start + block].T
+            if excluded is not None:
+                rows, positions = excluded
+                inside = (positions >= start) & (positions < start + block)
+                block_scores[rows[inside], positions[inside] - start] = -torch.inf
             scores, positions = torch.topk(block_scores, min(k, block_scores.shape[1]), dim=1)
             top = (scores, positions + start)
             best = top if best is None else _merge_top(best, top, k)
         assert best is not None  # the catalog is never empty
         return best
+
+
+def _rows_within(
+    excluded: tuple[torch.Tensor, torch.Tensor] | None, start: int, count: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The exclusions of query rows [start, start + count), renumbered from 0."""
+    if excluded is None:
+        return None
+    rows, positions = excluded
+    inside = (rows >= start) & (rows < start + count)
+    return rows[inside] - start, positions[inside]
 
 
 def _merge_top(

@@ -172,6 +172,52 @@ def compute_batch(bundle: ServingBundle, queries: Sequence[RecommendQuery]) -> l
     started = time.perf_counter()
     vectors, user_bias, gate = embed_users(bundle, [q.record for q in queries], [q.now for q in queries])
     model_done = time.perf_counter()
+    if isinstance(bundle.searcher, TorchExactSearch):
+        kept = top_items_excluding(bundle.searcher, vectors, queries)
+    else:
+        kept = top_items_filtered(bundle, vectors, queries)
+    search_done = time.perf_counter()
+    biases, gates = user_bias.tolist(), gate.tolist()
+    return [
+        Recommendation(
+            item_ids=item_ids,
+            scores=[s + biases[row] for s in scores],
+            gate_cold=gates[row][0],
+            gate_warm=gates[row][1],
+            model_seconds=model_done - started,
+            search_seconds=search_done - model_done,
+            model_version=bundle.model_version,
+            index_version=bundle.index_version,
+            batch_size=len(queries),
+        )
+        for row, (item_ids, scores) in enumerate(kept)
+    ]
+
+
+Ranked = tuple[list[int], list[float]]  # one answer's item ids and their scores before b_u, best first
+
+
+def top_items_excluding(
+    searcher: TorchExactSearch, vectors: np.ndarray, queries: Sequence[RecommendQuery]
+) -> list[Ranked]:
+    """Each query's top k with its exclusions left out inside the search: one exact search at the
+    batch's largest k, nothing fetched to be thrown away."""
+    k = max(q.k for q in queries)
+    scores, ids = searcher.search_excluding(vectors, k, [q.exclude for q in queries])
+    # Left-out items and the slots past the catalog's end sit at the tail of each row, as id -1.
+    found = (ids >= 0).sum(axis=1).tolist()
+    id_rows, score_rows = ids.tolist(), scores.tolist()
+    return [
+        (id_rows[row][: min(q.k, found[row])], score_rows[row][: min(q.k, found[row])])
+        for row, q in enumerate(queries)
+    ]
+
+
+def top_items_filtered(
+    bundle: ServingBundle, vectors: np.ndarray, queries: Sequence[RecommendQuery]
+) -> list[Ranked]:
+    """Each query's top k from an index that cannot leave items out: fetch k plus the exclusions, drop
+    the excluded ones after."""
     # Over-fetching by the exclusions guarantees k survivors whenever the catalog has them. The batch
     # fetches what most of its queries need; a query with far more exclusions than its batchmates (one
     # with thousands would make every row fetch thousands) is searched again alone if it runs short.
@@ -192,22 +238,7 @@ def compute_batch(bundle: ServingBundle, queries: Sequence[RecommendQuery]) -> l
         exact_scores, exact_ids = bundle.exact.search(vectors[short], max(needs[row] for row in short))
         for at, row in enumerate(short):
             kept[row] = survivors(exact_ids[at], exact_scores[at], queries[row].exclude, queries[row].k)
-    search_done = time.perf_counter()
-    biases, gates = user_bias.tolist(), gate.tolist()
-    return [
-        Recommendation(
-            item_ids=[i for i, _ in keep],
-            scores=[s + biases[row] for _, s in keep],
-            gate_cold=gates[row][0],
-            gate_warm=gates[row][1],
-            model_seconds=model_done - started,
-            search_seconds=search_done - model_done,
-            model_version=bundle.model_version,
-            index_version=bundle.index_version,
-            batch_size=len(queries),
-        )
-        for row, keep in enumerate(kept)
-    ]
+    return [([i for i, _ in keep], [s for _, s in keep]) for keep in kept]
 
 
 def compute(bundle: ServingBundle, record: UserRecord, now: int, k: int, exclude: Set[int]) -> Recommendation:

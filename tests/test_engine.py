@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Sequence, Set
 
 import numpy as np
 import pytest
+import torch
 
 from index_builder.faiss_index import build_index
-from index_builder.search_backends import FaissSearch
+from index_builder.search_backends import FaissSearch, TorchExactSearch
 from index_builder.settings import IndexSettings
 from service.engine import (
     Recommendation,
@@ -188,3 +190,31 @@ def test_a_query_with_many_exclusions_is_answered_alone_not_by_widening_the_batc
     # was searched again alone, at its own width.
     assert fetched[0] < heavy_need and fetched[1:] and max(fetched[1:]) == heavy_need, fetched
     assert len(fetched) - 1 < len(batch), fetched
+
+
+def test_the_torch_backend_leaves_exclusions_out_inside_its_search(
+    bundle_a: ServingBundle, queries: list[RecommendQuery]
+) -> None:
+    """Exclusions masked before the top-k give FAISS's over-fetched and filtered answers, with one search
+    for the batch, also for a query that excludes all but 30 items and asks for 50."""
+    item_ids = bundle_a.artifacts.items.item_ids
+    searches: list[int] = []
+
+    class Recording(TorchExactSearch):
+        def search_excluding(
+            self, queries: np.ndarray, k: int, exclude: Sequence[Set[int]]
+        ) -> tuple[np.ndarray, np.ndarray]:
+            searches.append(len(queries))
+            return super().search_excluding(queries, k, exclude)
+
+    masked = dataclasses.replace(
+        bundle_a, searcher=Recording(bundle_a.vectors, item_ids, torch.device("cpu"))
+    )
+    catalog = item_ids.tolist()
+    heavy = dataclasses.replace(queries[2], k=50, exclude=set(catalog[: len(catalog) - 30]))
+    batch = [*queries, heavy]
+    answers = compute_batch(masked, batch)
+    assert searches == [len(batch)]
+    for query, answer in zip(batch, answers, strict=True):
+        assert_same_answer(answer, alone(bundle_a, query))
+    assert sorted(answers[-1].item_ids) == sorted(catalog[-30:])

@@ -16,6 +16,7 @@ import torch
 from index_builder import faiss_index, search_backends
 from index_builder.faiss_index import build_index, exact_search, search
 from index_builder.search_backends import (
+    DEFAULT_MAX_SCORES,
     FaissSearch,
     TorchExactSearch,
     choose_backend,
@@ -88,6 +89,45 @@ def test_chunked_search_equals_unchunked(max_scores: int, k: int) -> None:
     got_scores, got_ids = chunked.search(queries, k)
     np.testing.assert_array_equal(got_ids, want_ids)
     np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-6)
+
+
+def exclusions(ids: np.ndarray, b: int, seed: int = 2) -> list[set[int]]:
+    """Per query: none, a few, most of the catalog, all of it, and ids the catalog does not hold."""
+    rng = np.random.default_rng(seed)
+    shapes = [0, 3, N_ITEMS - 4, N_ITEMS]
+    chosen = [set(rng.choice(ids, size=shapes[row % 4], replace=False).tolist()) for row in range(b)]
+    chosen[1] |= {-5, 3, 10**12}  # not items: ignored
+    return chosen
+
+
+@pytest.mark.parametrize(
+    "max_scores",
+    [DEFAULT_MAX_SCORES, 1, 7, 2 * N_ITEMS + 1],
+    ids=["whole", "one-score", "item-blocks", "row-chunks"],
+)
+@pytest.mark.parametrize("k", [5, N_ITEMS + 2])
+def test_search_excluding_equals_the_filtered_full_ranking(max_scores: int, k: int) -> None:
+    """Each row is the brute-force ranking without that row's items, then empty slots."""
+    vectors, ids = catalog()
+    queries = user_queries(9)
+    exclude = exclusions(ids, len(queries))
+    scores, found = TorchExactSearch(vectors, ids, CPU, max_scores=max_scores).search_excluding(
+        queries, k, exclude
+    )
+    assert scores.shape == found.shape == (len(queries), k)
+    brute = queries @ vectors.T
+    for row, left_out in enumerate(exclude):
+        order = [p for p in np.argsort(-brute[row]) if int(ids[p]) not in left_out][:k]
+        filled = len(order)
+        np.testing.assert_array_equal(found[row, :filled], ids[order])
+        np.testing.assert_allclose(scores[row, :filled], brute[row, order], atol=1e-5)
+        assert (found[row, filled:] == -1).all() and np.isneginf(scores[row, filled:]).all()
+
+
+def test_search_excluding_needs_one_set_per_query() -> None:
+    vectors, ids = catalog()
+    with pytest.raises(ValueError, match="one exclusion set per query"):
+        TorchExactSearch(vectors, ids, CPU).search_excluding(user_queries(3), 4, [set(), set()])
 
 
 def test_no_block_holds_more_scores_than_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
