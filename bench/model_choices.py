@@ -24,11 +24,13 @@ from typing import Any
 
 from coldwarm.cli import build_context, setup_logging
 from model.data.loading import load_dataset
+from model.data.schema import InteractionData
 from model.evaluation.protocol import evaluate, gate_cold_summary
 from model.evaluation.seeds import sample_std
 from model.experiments import train_variant
 from model.ranker import ModelRanker
-from model.settings import Settings
+from model.samples import SAMPLE_FIELDS
+from model.settings import Settings, TrainConfig
 from model.train import TrainedModel, TrainingContext, continue_with_warm_phase, set_torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +139,26 @@ REFERENCES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str, dict[str, Any]]:
+class Contexts:
+    """The training contexts of one data set, one per samples configuration (``SAMPLE_FIELDS``): a
+    variant that shapes its samples (a target window) trains on samples built with its settings. All
+    are built with the settings' seed: the training seeds of a variant share one draw of samples."""
+
+    def __init__(self, data: InteractionData, settings: Settings) -> None:
+        self.data, self.settings = data, settings
+        self._built: dict[tuple[Any, ...], TrainingContext] = {}
+
+    def for_samples(self, train: TrainConfig) -> TrainingContext:
+        key = tuple(getattr(train, name) for name in SAMPLE_FIELDS)
+        if key not in self._built:
+            shaped = self.settings.train.model_copy(
+                update={name: getattr(train, name) for name in SAMPLE_FIELDS}
+            )
+            self._built[key] = build_context(self.data, self.settings.model_copy(update={"train": shaped}))
+        return self._built[key]
+
+
+def measure(name: str, contexts: Contexts, settings: Settings) -> dict[str, dict[str, Any]]:
     """Rows of one training: the variant's; for a variant with a warm phase, also the row of the
     variant its main loop is (``main_loop_variant``), measured on the same net before the phase."""
     trained_name, train_override = REFERENCES.get(name, ("cold_warm_net", {}))
@@ -145,6 +166,7 @@ def measure(name: str, context: TrainingContext, settings: Settings) -> dict[str
     train_override = train_override | variant_train
     model_config = settings.model.model_copy(update=model_override)
     train_config = settings.train.model_copy(update=train_override)
+    context = contexts.for_samples(train_config)
     rows: dict[str, dict[str, Any]] = {}
     main_loop = train_config.model_copy(update={"warm_phase_epochs": 0})
     trained = train_variant(trained_name, context, model_config, main_loop, None, progress=False)
@@ -258,9 +280,9 @@ def main() -> None:
     settings = Settings()
     set_torch_threads(settings.train)
     data = load_dataset(str(args.data_dir))
-    context = build_context(data, settings)
+    contexts = Contexts(data, settings)
     if args.seeds:
-        measure_seeds(names, [int(s) for s in args.seeds.split(",")], context, settings, args.out)
+        measure_seeds(names, [int(s) for s in args.seeds.split(",")], contexts, settings, args.out)
         return
     json_path = args.out.with_suffix(".json")
     previous = json.loads(json_path.read_text()) if json_path.exists() else {}
@@ -271,7 +293,7 @@ def main() -> None:
     }
     for name in names:
         started = time.perf_counter()
-        rows.update(measure(name, context, settings))
+        rows.update(measure(name, contexts, settings))
         log.info("%s measured in %.0fs", name, time.perf_counter() - started)
         summary = {"dataset": data.name, "seed": settings.train.seed, "variants": rows}
         json_path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -280,7 +302,7 @@ def main() -> None:
 
 
 def measure_seeds(
-    names: list[str], seeds: list[int], context: TrainingContext, settings: Settings, out: Path
+    names: list[str], seeds: list[int], contexts: Contexts, settings: Settings, out: Path
 ) -> None:
     """Every variant once per seed (seed by seed, so that a stopped run has whole seeds); the rows are
     kept per seed, with the runs of earlier invocations for other seeds or variants."""
@@ -290,13 +312,13 @@ def measure_seeds(
     for seed in seeds:
         seeded = settings.model_copy(update={"train": settings.train.model_copy(update={"seed": seed})})
         for name in names:
-            for measured, row in measure(name, context, seeded).items():
+            for measured, row in measure(name, contexts, seeded).items():
                 runs.setdefault(measured, {})[str(seed)] = row
             json_path.write_text(
-                json.dumps({"dataset": context.data.name, "variants": runs}, indent=2) + "\n"
+                json.dumps({"dataset": contexts.data.name, "variants": runs}, indent=2) + "\n"
             )
-            json_path.with_suffix(".md").write_text(seeds_markdown(runs, context.data.name))
-    print(seeds_markdown(runs, context.data.name))
+            json_path.with_suffix(".md").write_text(seeds_markdown(runs, contexts.data.name))
+    print(seeds_markdown(runs, contexts.data.name))
 
 
 def seeds_markdown(runs: dict[str, dict[str, Any]], dataset: str) -> str:

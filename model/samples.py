@@ -28,6 +28,20 @@ from model.features import (
 )
 from model.settings import TrainConfig
 
+# The TrainConfig fields that shape the samples: what ``build_training_samples`` and
+# ``TrainingContext.build`` read. The seed aside: the training seeds of one experiment share one draw.
+SAMPLE_FIELDS: tuple[str, ...] = (
+    "same_moment_order",
+    "session_start_share",
+    "session_start_from",
+    "session_gap_s",
+    "long_gap_share",
+    "max_gap_days",
+    "target_window",
+    "target_window_until",
+    "target_window_mode",
+)
+
 
 @dataclass
 class UserSequences:

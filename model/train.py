@@ -31,6 +31,7 @@ from model.nn.cold_warm_net import (
 from model.nn.two_tower import TwoTowerNet
 from model.ranker import ModelRanker
 from model.samples import (
+    SAMPLE_FIELDS,
     TrainingSamples,
     UserSequences,
     build_training_samples,
@@ -84,6 +85,21 @@ class TrainingContext:
             encoder.remapped_state_buckets(),
         )
         return cls(data, split, encoder, samples, points, config)
+
+    def check_samples_for(self, config: TrainConfig) -> None:
+        """Raises when ``config`` asks for other samples than these were built with: a training would
+        otherwise run, silently, on the samples of another configuration."""
+        differ = [
+            f"{name} {getattr(self.samples_config, name)!r} (asked: {getattr(config, name)!r})"
+            for name in SAMPLE_FIELDS
+            if getattr(self.samples_config, name) != getattr(config, name)
+        ]
+        if differ:
+            raise ValueError(
+                "the training samples were built with "
+                + ", ".join(differ)
+                + ": build the TrainingContext with the training's configuration"
+            )
 
 
 @dataclass
@@ -347,6 +363,7 @@ def run_epochs(
     - Rank 0 validates and decides early stopping; the decision is broadcast, and at the end every
       rank loads rank 0's best weights.
     """
+    context.check_samples_for(config)
     layout = distributed.current()
     check_batch_size(config.batch_size, layout.world_size)
     device = training_device(config, layout)

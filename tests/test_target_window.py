@@ -13,7 +13,8 @@ from model.data.split import split_users
 from model.data.synthetic import generate_synthetic
 from model.features import FeatureEncoder
 from model.samples import UserSequences, build_training_samples, sample_weights
-from model.settings import FeatureConfig, TrainConfig
+from model.settings import FeatureConfig, ModelConfig, TrainConfig
+from model.train import TrainingContext, fit_cold_warm_net
 
 NO_SESSION_STARTS = TrainConfig(session_start_share=0.0)
 
@@ -122,3 +123,18 @@ def test_draw_mode_keeps_one_sample_per_prefix_with_a_target_from_its_window(set
     again = build(setup, target_window=5, target_window_until=1000, target_window_mode="draw", seed=2)
     other = build(setup, target_window=5, target_window_until=1000, target_window_mode="draw", seed=3)
     assert torch.equal(again.target, drawn.target) and not torch.equal(other.target, drawn.target)
+
+
+def test_a_training_that_asks_for_other_samples_than_its_context_holds_stops() -> None:
+    """A target window asked of the training but not of the context's samples would train on samples
+    without it, silently (bench/model_choices.py once did): training refuses instead."""
+    data = generate_synthetic(n_users=40, n_items=50, seed=5)
+    split = split_users(data)
+    encoder = FeatureEncoder.fit(data, split.train, FeatureConfig(max_history=8))
+    built_with = TrainConfig(epochs=1, batch_size=64)
+    context = TrainingContext.build(data, split, encoder, built_with)
+    windowed = built_with.model_copy(update={"target_window": 10})
+    with pytest.raises(ValueError, match=r"target_window 1 \(asked: 10\)"):
+        fit_cold_warm_net(context, ModelConfig(), windowed, progress=False)
+    # Another seed, another epoch count: the same samples; a training that asks for them runs.
+    context.check_samples_for(built_with.model_copy(update={"seed": 3, "epochs": 2}))
