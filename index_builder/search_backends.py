@@ -172,7 +172,12 @@ class TorchExactSearch:
         block = min(self.n_items, self.max_scores)
         rows = self.max_scores // block
         parts = [
-            self._top_in_blocks(queries[start : start + rows], k, block, _rows_within(excluded, start, rows))
+            self._top_in_blocks(
+                queries[start : start + rows],
+                k,
+                block,
+                excluded if rows >= len(queries) else _rows_within(excluded, start, rows),
+            )
             for start in range(0, len(queries), rows)
         ]
         return torch.cat([s for s, _ in parts]), torch.cat([p for _, p in parts])
@@ -188,14 +193,25 @@ class TorchExactSearch:
         for start in range(0, self.n_items, block):
             block_scores = queries @ self._vectors[start : start + block].T
             if excluded is not None:
-                rows, positions = excluded
-                inside = (positions >= start) & (positions < start + block)
-                block_scores[rows[inside], positions[inside] - start] = -torch.inf
+                _leave_out(block_scores, excluded, start, whole=block == self.n_items)
             scores, positions = torch.topk(block_scores, min(k, block_scores.shape[1]), dim=1)
             top = (scores, positions + start)
             best = top if best is None else _merge_top(best, top, k)
         assert best is not None  # the catalog is never empty
         return best
+
+
+def _leave_out(
+    scores: torch.Tensor, excluded: tuple[torch.Tensor, torch.Tensor], start: int, whole: bool
+) -> None:
+    """Scores the excluded (row, position) pairs -inf in a block of the catalog's positions from
+    ``start``; ``whole``: the block is the whole catalog (no pair to leave aside, and boolean
+    indexing costs more than the rest of a one-query search)."""
+    rows, positions = excluded
+    if not whole:
+        inside = (positions >= start) & (positions < start + scores.shape[1])
+        rows, positions = rows[inside], positions[inside] - start
+    scores.index_put_((rows, positions), torch.tensor(-torch.inf, device=scores.device))
 
 
 def _rows_within(
