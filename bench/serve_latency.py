@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument(
         "--redis-timeout-ms", type=float, default=None, help="COLDWARM_REDIS_TIMEOUT_MS (default: service's)"
     )
+    http.add_argument(
+        "--exact-batch-from",
+        type=int,
+        default=None,
+        help="COLDWARM_INDEX_EXACT_BATCH_FROM of the servers (default: the service's; 0: FAISS always)",
+    )
     http.add_argument("--no-uvloop", action="store_true", help="client on asyncio's default loop")
     http.add_argument(
         "--max-other-cores",
@@ -733,6 +739,8 @@ def serving_env(
         env["COLDWARM_INDEX_EF_SEARCH"] = str(params["ef_search"])
     if args.redis_timeout_ms is not None:
         env["COLDWARM_REDIS_TIMEOUT_MS"] = str(args.redis_timeout_ms)
+    if getattr(args, "exact_batch_from", None) is not None:
+        env["COLDWARM_INDEX_EXACT_BATCH_FROM"] = str(args.exact_batch_from)
     return env
 
 

@@ -40,5 +40,13 @@ class IndexSettings(BaseSettings):
         "when it has a GPU build, else exact torch on the GPU; on the CPU, the FAISS index as built. "
         "faiss: the index on the serving device; torch: exact matmul + top-k on the serving device",
     )
+    exact_batch_from: int = Field(
+        16,
+        ge=0,
+        description="with a flat index searched by FAISS on the CPU, batches of at least this many queries "
+        "are searched by the exact torch search instead, their exclusions left out before the top-k: "
+        "the same ranking, cheaper for large batches, dearer for small ones (bench/search_backend_cost.py)"
+        "; 0: FAISS for every batch",
+    )
     recall_sample: int = Field(1000, ge=1, description="queries used to measure the index's recall")
     recall_k: int = Field(100, ge=1)

@@ -52,10 +52,21 @@ class ServingBundle:
     searcher: SearchBackend
     # Exact search over ``vectors`` on the CPU, for rows an approximate index leaves short: its catalog
     # is checked once, here, not on every call (np.unique and isfinite over n × (d + 1) values).
-    exact: SearchBackend
+    exact: TorchExactSearch
     # The answer for a user the service knows nothing of, ranked once at load: what an overloaded
     # service hands out instead of queueing (cold-start quality, no model or search cost).
     cold_answer: Recommendation | None = None
+    # Batches of at least this many queries go to ``exact`` with their exclusions masked (a flat index on
+    # the CPU only: the same ranking as the index's); None: the searcher takes every batch.
+    exact_batch_from: int | None = None
+
+    def masked_searcher(self, batch: int) -> TorchExactSearch | None:
+        """What leaves a batch's exclusions out inside its search, or None (over-fetch and filter)."""
+        if isinstance(self.searcher, TorchExactSearch):
+            return self.searcher
+        if self.exact_batch_from is not None and batch >= self.exact_batch_from:
+            return self.exact
+        return None
 
     @property
     def model_version(self) -> str:
@@ -114,13 +125,25 @@ def load_bundle(
         if searcher.name == "torch-cpu"
         else TorchExactSearch(vectors, artifacts.items.item_ids, torch.device("cpu"))
     )
-    bundle = ServingBundle(artifacts, index, manifest, version, vectors, searcher, exact=exact)
+    exact_from = exact_batch_from(manifest, searcher, index_settings)
+    bundle = ServingBundle(
+        artifacts, index, manifest, version, vectors, searcher, exact=exact, exact_batch_from=exact_from
+    )
     try:
         # Also the warm-up: first-call costs (TorchScript profiling, FAISS allocations) are paid here.
         cold = compute(bundle, UserRecord.unknown(0), int(time.time()), COLD_ANSWER_SIZE, set())
     except Exception as error:  # a tower that loads but cannot run is as broken as a missing file
         raise ArtifactError(f"{artifacts.directory}: warm-up request failed: {error}") from error
     return dataclasses.replace(bundle, cold_answer=cold)
+
+
+def exact_batch_from(
+    manifest: dict[str, Any], searcher: SearchBackend, index_settings: IndexSettings
+) -> int | None:
+    """The batch size from which the torch search takes over from FAISS: only a flat index on the CPU,
+    which is exact like it, may hand batches over (an approximate index would change the answers)."""
+    flat_on_cpu = manifest.get("type") == "flat" and searcher.name == "faiss-cpu"
+    return index_settings.exact_batch_from if flat_on_cpu and index_settings.exact_batch_from else None
 
 
 def shed_answer(bundle: ServingBundle, k: int, exclude: Set[int]) -> Recommendation:
@@ -172,8 +195,9 @@ def compute_batch(bundle: ServingBundle, queries: Sequence[RecommendQuery]) -> l
     started = time.perf_counter()
     vectors, user_bias, gate = embed_users(bundle, [q.record for q in queries], [q.now for q in queries])
     model_done = time.perf_counter()
-    if isinstance(bundle.searcher, TorchExactSearch):
-        kept = top_items_excluding(bundle.searcher, vectors, queries)
+    masked = bundle.masked_searcher(len(queries))
+    if masked is not None:
+        kept = top_items_excluding(masked, vectors, queries)
     else:
         kept = top_items_filtered(bundle, vectors, queries)
     search_done = time.perf_counter()

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Sequence, Set
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from service.engine import (
     ServingBundle,
     compute,
     compute_batch,
+    exact_batch_from,
     load_bundle,
 )
 from service.feature_store import UserRecord, records_from_interactions
@@ -192,29 +194,57 @@ def test_a_query_with_many_exclusions_is_answered_alone_not_by_widening_the_batc
     assert len(fetched) - 1 < len(batch), fetched
 
 
+class RecordingExactSearch(TorchExactSearch):
+    """The torch search, noting the size of each batch it left exclusions out of."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches: list[int] = []
+
+    def search_excluding(
+        self, queries: np.ndarray, k: int, exclude: Sequence[Set[int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        self.batches.append(len(queries))
+        return super().search_excluding(queries, k, exclude)
+
+
 def test_the_torch_backend_leaves_exclusions_out_inside_its_search(
     bundle_a: ServingBundle, queries: list[RecommendQuery]
 ) -> None:
     """Exclusions masked before the top-k give FAISS's over-fetched and filtered answers, with one search
     for the batch, also for a query that excludes all but 30 items and asks for 50."""
     item_ids = bundle_a.artifacts.items.item_ids
-    searches: list[int] = []
-
-    class Recording(TorchExactSearch):
-        def search_excluding(
-            self, queries: np.ndarray, k: int, exclude: Sequence[Set[int]]
-        ) -> tuple[np.ndarray, np.ndarray]:
-            searches.append(len(queries))
-            return super().search_excluding(queries, k, exclude)
-
-    masked = dataclasses.replace(
-        bundle_a, searcher=Recording(bundle_a.vectors, item_ids, torch.device("cpu"))
-    )
+    searcher = RecordingExactSearch(bundle_a.vectors, item_ids, torch.device("cpu"))
+    masked = dataclasses.replace(bundle_a, searcher=searcher)
     catalog = item_ids.tolist()
     heavy = dataclasses.replace(queries[2], k=50, exclude=set(catalog[: len(catalog) - 30]))
     batch = [*queries, heavy]
     answers = compute_batch(masked, batch)
-    assert searches == [len(batch)]
+    assert searcher.batches == [len(batch)]
     for query, answer in zip(batch, answers, strict=True):
         assert_same_answer(answer, alone(bundle_a, query))
     assert sorted(answers[-1].item_ids) == sorted(catalog[-30:])
+
+
+def test_large_batches_on_a_flat_index_are_searched_exactly_with_their_exclusions_masked(
+    bundle_a: ServingBundle, queries: list[RecommendQuery]
+) -> None:
+    """FAISS flat answers batches below exact_batch_from, the torch search the others: the same answers
+    (a single query went through FAISS alone); an approximate index keeps FAISS for every batch."""
+    assert (
+        bundle_a.searcher.name == "faiss-cpu"
+        and bundle_a.exact_batch_from == IndexSettings().exact_batch_from
+    )
+    exact = RecordingExactSearch(bundle_a.vectors, bundle_a.artifacts.items.item_ids, torch.device("cpu"))
+    hybrid = dataclasses.replace(bundle_a, exact=exact, exact_batch_from=4)
+    for batch in (queries[:3], queries[:4], queries):
+        for query, answer in zip(batch, compute_batch(hybrid, batch), strict=True):
+            assert_same_answer(answer, alone(bundle_a, query))
+    assert exact.batches == [4, len(queries)]
+    faiss_cpu, settings = bundle_a.searcher, IndexSettings(exact_batch_from=8)
+    assert exact_batch_from({"type": "flat"}, faiss_cpu, settings) == 8
+    assert exact_batch_from({"type": "ivf"}, faiss_cpu, settings) is None
+    assert exact_batch_from({"type": "hnsw"}, faiss_cpu, settings) is None
+    assert exact_batch_from({"type": "flat"}, faiss_cpu, IndexSettings(exact_batch_from=0)) is None
+    approximate = dataclasses.replace(bundle_a, exact_batch_from=None)
+    assert approximate.masked_searcher(1000) is None

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import redis
 
+from index_builder.settings import IndexSettings
 from model.artifacts import MANIFEST_FILE, USER_TOWER_FILE
 from service.engine import ServingBundle, compute
 from service.feature_store import KeyLayout, UserRecord
@@ -531,6 +532,10 @@ def test_admin_reload(
         assert metric(samples, "coldwarm_serving_info", **info, **served) == 1
         ready = client.get("/readyz").json()
         assert (ready["model_version"], ready["index_version"]) == (b.model_version, b.index_version)
+        assert (ready["search_backend"], ready["exact_batch_from"]) == (
+            "faiss-cpu",
+            IndexSettings().exact_batch_from,
+        )
 
         # No body: the configured directory (A) again.
         response = client.post("/admin/reload", headers=good)

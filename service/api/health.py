@@ -57,6 +57,8 @@ async def readyz(state: State) -> JSONResponse:
         "index_version": bundle.index_version if bundle else None,
         "n_items": bundle.n_items if bundle else 0,
         "search_backend": bundle.searcher.name if bundle else None,
+        # From this batch size on, the exact torch search answers instead (a flat index on the CPU).
+        "exact_batch_from": bundle.exact_batch_from if bundle else None,
         "device": bundle.device if bundle else None,
         "tower_format": bundle.tower_format if bundle else None,
         "batching": {"max_batch": recommender.batcher.max_batch, "wait_us": recommender.batcher.wait_s * 1e6},
