@@ -34,17 +34,33 @@ def select_by_mutual_information(
     return sorted(order[:beta]), {name: float(score) for name, score in zip(names, scores, strict=True)}
 
 
+def behaviour_rows(
+    samples: TrainingSamples, max_positives: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample rows of the positives, drawn as the loss weighs them (a target window's copies of one
+    prefix share one sample's chance), and of as many negatives: a uniformly drawn user, at a
+    uniformly drawn prefix of theirs (copies sit side by side and share its features: the first
+    stands for them all)."""
+    n = len(samples)
+    weights = None if samples.window_weight is None else samples.window_weight.numpy().astype(np.float64)
+    chance = None if weights is None else weights / weights.sum()
+    positives = rng.choice(n, size=min(n, max_positives), replace=False, p=chance)
+    user_row, position = np.asarray(samples.user_row), samples.position.numpy()
+    prefix_starts = np.flatnonzero(
+        np.r_[True, (user_row[1:] != user_row[:-1]) | (position[1:] != position[:-1])]
+    )
+    _, starts, counts = np.unique(user_row[prefix_starts], return_index=True, return_counts=True)
+    users = rng.integers(0, len(starts), size=len(positives))
+    negatives = prefix_starts[starts[users] + rng.integers(0, counts[users])]
+    return positives, negatives
+
+
 def behaviour_sample(
     samples: TrainingSamples, item_candidates: torch.Tensor, max_positives: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(user feature codes, item feature codes, label) for positives and as many negatives."""
     rng = np.random.default_rng(seed)
-    n = len(samples)
-    positives = rng.choice(n, size=min(n, max_positives), replace=False)
-    # One negative per positive: a uniformly drawn user, at a uniformly drawn sample of theirs.
-    _, starts, counts = np.unique(samples.user_row, return_index=True, return_counts=True)
-    users = rng.integers(0, len(starts), size=len(positives))
-    negatives = starts[users] + rng.integers(0, counts[users])
+    positives, negatives = behaviour_rows(samples, max_positives, rng)
     negative_items = rng.integers(0, item_candidates.shape[0], size=len(positives))
     rows = np.concatenate([positives, negatives])
     index = torch.as_tensor(rows)

@@ -12,11 +12,13 @@ import torch
 from model.data.split import split_users
 from model.data.synthetic import generate_synthetic
 from model.features import FeatureEncoder
+from model.mutual_info import behaviour_rows
 from model.samples import UserSequences, build_training_samples, sample_weights
 from model.settings import FeatureConfig, ModelConfig, TrainConfig
 from model.train import TrainingContext, fit_cold_warm_net
 
-NO_SESSION_STARTS = TrainConfig(session_start_share=0.0)
+# Every sample at its target's moment, each prefix towards its next action unless a test asks otherwise.
+NEXT_ACTION_ONLY = TrainConfig(session_start_share=0.0, target_window=1)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def setup() -> tuple[UserSequences, FeatureEncoder, object]:
 
 def build(setup: tuple, **update: object):
     sequences, encoder, users = setup
-    return build_training_samples(users, sequences, encoder, NO_SESSION_STARTS.model_copy(update=update))
+    return build_training_samples(users, sequences, encoder, NEXT_ACTION_ONLY.model_copy(update=update))
 
 
 def targets_by_prefix(samples) -> dict[tuple[int, int], list[int]]:
@@ -131,10 +133,32 @@ def test_a_training_that_asks_for_other_samples_than_its_context_holds_stops() -
     data = generate_synthetic(n_users=40, n_items=50, seed=5)
     split = split_users(data)
     encoder = FeatureEncoder.fit(data, split.train, FeatureConfig(max_history=8))
-    built_with = TrainConfig(epochs=1, batch_size=64)
+    built_with = TrainConfig(epochs=1, batch_size=64, target_window=1)
     context = TrainingContext.build(data, split, encoder, built_with)
     windowed = built_with.model_copy(update={"target_window": 10})
     with pytest.raises(ValueError, match=r"target_window 1 \(asked: 10\)"):
         fit_cold_warm_net(context, ModelConfig(), windowed, progress=False)
     # Another seed, another epoch count: the same samples; a training that asks for them runs.
     context.check_samples_for(built_with.model_copy(update={"seed": 3, "epochs": 2}))
+
+
+def test_the_mutual_information_sample_draws_a_prefix_s_copies_as_one_sample(setup: tuple) -> None:
+    """Under prefix weights the copies of a prefix share one sample's chance of being a positive, and
+    a negative is a user's prefix drawn uniformly, copies or not: the bias features are chosen on what
+    the loss weighs, not on how many targets a window holds."""
+    window = build(setup, target_window=6, target_window_until=6)
+    prefixes = targets_by_prefix(window)
+    short_share_of_prefixes = sum(position < 6 for _, position in prefixes) / len(prefixes)
+    short_share_of_samples = float((window.position < 6).float().mean())
+    assert short_share_of_samples > short_share_of_prefixes + 0.1  # the copies would tilt a plain draw
+    positives, negatives = behaviour_rows(window, len(window) // 5, np.random.default_rng(0))
+    for rows in (positives, negatives):
+        share = float((window.position[rows] < 6).float().mean())
+        assert abs(share - short_share_of_prefixes) < 0.04, (share, short_share_of_prefixes)
+    # A negative is the first of its prefix's copies.
+    previous = np.maximum(negatives - 1, 0)
+    assert np.all(
+        (negatives == 0)
+        | (window.user_row[previous] != window.user_row[negatives])
+        | (window.position[previous] != window.position[negatives]).numpy()
+    )
