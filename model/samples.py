@@ -301,9 +301,9 @@ def build_training_samples(
     chunk_size: int = 65_536,
 ) -> TrainingSamples:
     """Every prefix of every sequence whose target is in the catalog, at the request times of
-    ``session_start_times`` (seeded by ``config.seed``); ``config`` None asks every sample at its
-    target's time. States are encoded ``chunk_size`` samples at a time, bounding the float64
-    intermediates of ``encode_state``."""
+    ``session_start_times`` (seeded by ``config.seed``); ``config`` None gives the plain prefix
+    samples: each at its target's time, towards its next action only. States are encoded
+    ``chunk_size`` samples at a time, bounding the float64 intermediates of ``encode_state``."""
     lengths = sequences.lengths()
     user_rows = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
     positions = np.arange(len(user_rows)) - sequences.offsets[user_rows]
@@ -311,7 +311,7 @@ def build_training_samples(
     keep = catalog_targets >= 0
     user_rows, positions, targets = user_rows[keep], positions[keep], catalog_targets[keep]
     del keep
-    config = config or TrainConfig(session_start_share=0.0)
+    config = config or TrainConfig(session_start_share=0.0, target_window=1)
     windows = target_windows(sequences, catalog_targets, user_rows, positions, config)
     if config.target_window_mode == "draw":
         rng = np.random.default_rng([config.seed, 1])

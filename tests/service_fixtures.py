@@ -61,12 +61,18 @@ N_USERS, N_ITEMS = 300, 200
 # Users from 5 actions up: the API tests need users with fewer than 10 (a cold-start answer), which the
 # generator's default range (20-150) has none of.
 INTERACTIONS_PER_USER = (5, 120)
-# Mean pooling in the warm expert: these artifacts are trained for one epoch on tiny data, where the
-# default attention pooling has not yet overtaken it, and the gate tests (test_returning_user) need a
-# gate that already prefers the warm expert for a warm user. The attention pooling's export and
-# parity are covered by tests/test_export.py, which uses the default.
+# Mean pooling in the warm expert, and experts that read the profile alone: these artifacts are trained
+# for one epoch on tiny data, where the default attention pooling has not yet overtaken it, and the gate
+# tests (test_returning_user) need a gate that already prefers the warm expert for a warm user (experts
+# that read the interaction count leave the gate little to tell apart after one epoch). The defaults'
+# export and parity are covered by tests/test_export.py.
 MODEL_CONFIG = ModelConfig(
-    embedding_dim=16, hidden_dim=32, feature_dim=8, n_user_groups=4, warm_pooling="mean"
+    embedding_dim=16,
+    hidden_dim=32,
+    feature_dim=8,
+    n_user_groups=4,
+    warm_pooling="mean",
+    expert_state_input=False,
 )
 TRAIN_CONFIG = TrainConfig(
     epochs=1, pretrain_epochs=1, batch_size=256, shared_negatives=256, active_users=100, seed=0

@@ -348,6 +348,7 @@ def test_checkpoint_round_trip_gives_the_same_scores(exported: Exported, tmp_pat
         {"state_item_dims": 4},
         {"stage_popularity": True},
         {"expert_state_input": True, "expert_state_columns": "count"},
+        {"expert_state_input": True, "expert_state_columns": "all"},
     ],
 )
 def test_the_scoring_options_export_what_they_score(update: dict[str, Any], tmp_path: Path) -> None:

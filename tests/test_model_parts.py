@@ -33,7 +33,11 @@ from model.samples import (
 from model.settings import FeatureConfig, ModelConfig, TrainConfig
 from model.train import item_log_frequencies, training_step, user_bias_candidates
 
-SMALL = ModelConfig(embedding_dim=8, hidden_dim=16, feature_dim=4, n_user_groups=5, bias_features=6)
+# The experts read the profile alone, as the paper has them: the tests of the state in the experts
+# switch it on themselves.
+SMALL = ModelConfig(
+    embedding_dim=8, hidden_dim=16, feature_dim=4, n_user_groups=5, bias_features=6, expert_state_input=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +46,9 @@ def world() -> tuple[FeatureEncoder, TrainingSamples]:
     split = split_users(data)
     encoder = FeatureEncoder.fit(data, split.train, FeatureConfig(max_history=10))
     sequences = UserSequences.from_interactions(data.interactions, split.train)
-    return encoder, build_training_samples(data.users, sequences, encoder)
+    # Each prefix towards its next action only: the target window has its own tests.
+    next_action = TrainConfig(session_start_share=0.0, target_window=1)
+    return encoder, build_training_samples(data.users, sequences, encoder, next_action)
 
 
 # ----- gate ------------------------------------------------------------------------------------------

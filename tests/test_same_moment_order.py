@@ -51,7 +51,9 @@ def test_the_training_context_reads_the_order_its_config_names() -> None:
 
     def first_targets(order: str) -> np.ndarray:
         encoder = FeatureEncoder.fit(data, split.train, FeatureConfig(max_history=10))
-        context = TrainingContext.build(data, split, encoder, TrainConfig(same_moment_order=order))
+        context = TrainingContext.build(
+            data, split, encoder, TrainConfig(same_moment_order=order, target_window=1)
+        )
         at_start = context.samples.position.numpy() == 0
         return context.samples.target.numpy()[at_start]
 
