@@ -79,9 +79,19 @@ class Cluster:
             "--cluster-require-full-coverage", "no",
             "--daemonize", "no", "--loglevel", "warning",
         ]  # fmt: skip
-        log = (node_dir / "redis.log").open("ab")
-        self.processes[port] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: answers(port), f"redis-server on {port} did not start")
+        log_file = node_dir / "redis.log"
+        with log_file.open("ab") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.processes[port] = process
+
+        def up() -> bool:
+            if process.poll() is not None:
+                del self.processes[port]
+                reason = log_file.read_text(errors="replace").strip().splitlines()[-1:]
+                raise NodeExitedError(f"redis-server on {port} exited at start: {reason}")
+            return answers(port)
+
+        wait_for(up, f"redis-server on {port} did not start")
 
     def masters(self) -> list[int]:
         """Ports of the nodes that are masters now."""
@@ -148,12 +158,30 @@ def cluster_tools_missing() -> str | None:
     return f"{', '.join(missing)} not installed" if missing else None
 
 
+class NodeExitedError(RuntimeError):
+    """A node's process ended before it answered: most often its port or bus port was taken between
+    ``free_ports``'s check and the server's bind (another process's outgoing connection)."""
+
+
+def started_cluster(directory: Path, attempts: int = 3) -> Cluster:
+    """Every node of a new cluster answering, on fresh ports again when a node could not bind."""
+    for attempt in range(attempts):
+        cluster = Cluster(free_ports(MASTERS * (1 + REPLICAS_PER_MASTER)), directory / f"attempt-{attempt}")
+        try:
+            for port in cluster.ports:
+                cluster.start_node(port)
+            return cluster
+        except NodeExitedError:
+            cluster.stop()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @contextmanager
 def running_cluster(directory: Path) -> Iterator[Cluster]:
-    cluster = Cluster(free_ports(MASTERS * (1 + REPLICAS_PER_MASTER)), directory)
+    cluster = started_cluster(directory)
     try:
-        for port in cluster.ports:
-            cluster.start_node(port)
         create = [
             "redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in cluster.ports),
             "--cluster-replicas", str(REPLICAS_PER_MASTER), "--cluster-yes",
