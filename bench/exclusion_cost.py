@@ -72,16 +72,16 @@ def small_bundle(root: Path) -> ServingBundle:
     return load_bundle(directory, IndexSettings(type="flat"), device="cpu", tower_format="torchscript")
 
 
-def with_large_catalog(bundle: ServingBundle, n_items: int) -> ServingBundle:
-    """The same tower in front of ``n_items`` random unit vectors in an HNSW index (the default
-    HNSW settings) and the exact CPU fallback over the same vectors."""
+def with_large_catalog(bundle: ServingBundle, n_items: int, index_type: str = "hnsw") -> ServingBundle:
+    """The same tower in front of ``n_items`` random unit vectors in an index of ``index_type`` (its
+    default settings) and the exact CPU fallback over the same vectors."""
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((n_items, bundle.vectors.shape[1])).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     item_ids = np.arange(1, n_items + 1, dtype=np.int64)
     started = time.perf_counter()
-    index = build_index(vectors, item_ids, IndexSettings(type="hnsw"))
-    log.info("HNSW over %d items built in %.0f s", n_items, time.perf_counter() - started)
+    index = build_index(vectors, item_ids, IndexSettings(type=index_type))
+    log.info("%s over %d items built in %.0f s", index_type, n_items, time.perf_counter() - started)
     exact = TorchExactSearch(vectors, item_ids, torch.device("cpu"))
     return dataclasses.replace(bundle, index=index, vectors=vectors, searcher=FaissSearch(index), exact=exact)
 

@@ -24,10 +24,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from exclusion_cost import medians  # bench/ is not a package: run as a script
+from exclusion_cost import medians, with_large_catalog  # bench/ is not a package: run as a script
 
-from index_builder.faiss_index import build_index
-from index_builder.search_backends import FaissSearch, TorchExactSearch
+from index_builder.search_backends import FaissSearch
 from index_builder.settings import IndexSettings
 from model.data.loading import load_dataset
 from service.engine import RecommendQuery, ServingBundle, compute_batch, load_bundle
@@ -36,29 +35,16 @@ from service.feature_store import records_from_interactions
 RESULTS = Path(__file__).resolve().parent / "results"
 K = 50
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 256)
-CPU = torch.device("cpu")
 log = logging.getLogger("bench")
 
 
 def searchers(bundle: ServingBundle) -> dict[str, ServingBundle]:
-    """The bundle with FAISS flat (over-fetch and filter) and with exact torch (masked) search."""
-    item_ids = bundle.artifacts.items.item_ids
-    faiss_bundle = dataclasses.replace(bundle, searcher=FaissSearch(bundle.index), exact_batch_from=None)
-    exact = TorchExactSearch(bundle.vectors, item_ids, CPU)
-    return {"faiss flat": faiss_bundle, "torch exact": dataclasses.replace(bundle, searcher=exact)}
-
-
-def with_random_catalog(bundle: ServingBundle, n_items: int) -> ServingBundle:
-    """The same tower in front of ``n_items`` random unit vectors of its width in a flat index."""
-    rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((n_items, bundle.vectors.shape[1])).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    item_ids = np.arange(1, n_items + 1, dtype=np.int64)
-    index = build_index(vectors, item_ids, IndexSettings(type="flat"))
-    items = dataclasses.replace(bundle.artifacts.items, item_ids=item_ids)
-    artifacts = dataclasses.replace(bundle.artifacts, items=items)
-    exact = TorchExactSearch(vectors, item_ids, CPU)
-    return dataclasses.replace(bundle, artifacts=artifacts, index=index, vectors=vectors, exact=exact)
+    """The bundle with FAISS flat for every batch (over-fetch and filter), and with its own exact
+    torch search for every batch (masked)."""
+    return {
+        "faiss flat": dataclasses.replace(bundle, searcher=FaissSearch(bundle.index), exact_batch_from=None),
+        "torch exact": dataclasses.replace(bundle, searcher=bundle.exact),
+    }
 
 
 def request_batches(data_dir: str, bundle: ServingBundle, seed: int = 0) -> dict[int, list[RecommendQuery]]:
@@ -130,7 +116,7 @@ def main() -> None:
     batches = request_batches(args.data, bundle)
     catalogs = [("artifacts", bundle)]
     if args.items:
-        catalogs.append(("random", with_random_catalog(bundle, args.items)))
+        catalogs.append(("random", with_large_catalog(bundle, args.items, "flat")))
     result = {
         "command": "python bench/search_backend_cost.py --artifacts A --data "
         f"{args.data} --items {args.items} --rounds {args.rounds}",
