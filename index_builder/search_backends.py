@@ -112,17 +112,20 @@ class TorchExactSearch:
             logger.warning("float32 matmul precision is not 'highest': %s scores run in TF32", self.name)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        scores, ids = self.search_tensor(_tensor(queries), k)
-        return scores.cpu().numpy(), ids.cpu().numpy()
+        return self._search_arrays(queries, k, None)
 
     def search_excluding(
         self, queries: np.ndarray, k: int, exclude: Sequence[Set[int]]
     ) -> tuple[np.ndarray, np.ndarray]:
         if len(exclude) != len(queries):
             raise ValueError(f"need one exclusion set per query ({len(queries)}), got {len(exclude)}")
+        return self._search_arrays(queries, k, self.excluded_positions(exclude))
+
+    def _search_arrays(
+        self, queries: np.ndarray, k: int, excluded: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        scores, ids = self.search_tensor(_tensor(queries), k, self.excluded_positions(exclude))
+        scores, ids = self.search_tensor(_tensor(queries), k, excluded)
         return scores.cpu().numpy(), ids.cpu().numpy()
 
     def excluded_positions(self, exclude: Sequence[Set[int]]) -> tuple[torch.Tensor, torch.Tensor]:
