@@ -170,12 +170,13 @@ def started_cluster(directory: Path, attempts: int = 3) -> Cluster:
         try:
             for port in cluster.ports:
                 cluster.start_node(port)
-            return cluster
         except NodeExitedError:
             cluster.stop()
-            if attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+            if attempt < attempts - 1:
+                continue
+            raise
+        return cluster
+    raise ValueError(f"attempts must be >= 1, got {attempts}")
 
 
 @contextmanager
