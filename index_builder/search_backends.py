@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from index_builder.vectors import EMPTY_ID, checked_catalog
+from model.catalog import catalog_indices
 
 if TYPE_CHECKING:
     import faiss
@@ -135,8 +136,8 @@ class TorchExactSearch:
             (item for items in exclude for item in items), dtype=np.int64, count=int(sizes.sum())
         )
         rows = np.repeat(np.arange(len(exclude), dtype=np.int64), sizes)
-        at = np.minimum(np.searchsorted(self._sorted_ids, wanted), self.n_items - 1)
-        held = self._sorted_ids[at] == wanted
+        at = catalog_indices(self._sorted_ids, wanted)
+        held = at >= 0
         positions = self._id_order[at[held]]
         return torch.from_numpy(rows[held]).to(self.device), torch.from_numpy(positions).to(self.device)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from model.catalog import catalog_indices
 from model.data.schema import GENRE_SEPARATOR, PROFILE_FIELDS, InteractionData
 from model.settings import FeatureConfig
 
@@ -282,11 +283,7 @@ class FeatureEncoder:
 
     def catalog_positions(self, item_ids: np.ndarray) -> np.ndarray:
         """Catalog position of each raw item id, -1 where the item is not in the catalog."""
-        item_ids = np.asarray(item_ids, dtype=np.int64)
-        positions = np.minimum(
-            np.searchsorted(self.catalog_item_ids, item_ids), len(self.catalog_item_ids) - 1
-        )
-        return np.where(self.catalog_item_ids[positions] == item_ids, positions, -1)
+        return catalog_indices(self.catalog_item_ids, np.asarray(item_ids, dtype=np.int64))
 
     # ----- persistence -------------------------------------------------------------------------
     def to_dict(self) -> dict:

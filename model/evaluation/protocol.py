@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from model.catalog import catalog_indices
 from model.data.schema import InteractionData
 from model.evaluation.metrics import EMPTY_SLOT, compute_metrics
 
@@ -130,14 +131,6 @@ class EvaluationResult:
             "points": {g: int(n) for g, n in self.points.items()},
             "curve_points": {str(h): int(n) for h, n in self.curve_points.items()},
         }
-
-
-def catalog_indices(catalog_item_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-    """Catalog positions of item ids; -1 for ids outside the catalog."""
-    pos = np.searchsorted(catalog_item_ids, item_ids)
-    pos = np.clip(pos, 0, max(len(catalog_item_ids) - 1, 0))
-    found = len(catalog_item_ids) > 0 and catalog_item_ids[pos] == item_ids
-    return np.where(found, pos, EMPTY_SLOT).astype(np.int64)
 
 
 def exclude_history(scores: np.ndarray, points: Sequence[EvalPoint], catalog_item_ids: np.ndarray) -> None:
