@@ -127,6 +127,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "score mixing, warm phase, a target window of 10 below 10 actions": from_the_paper_form(
         {"expert_mixing": "score"}, TARGET_WINDOW | {"warm_phase_epochs": 8}
     ),
+    "score mixing, warm phase, experts read the count": from_the_paper_form(
+        {"expert_mixing": "score"} | EXPERTS_READ_THE_COUNT, {"warm_phase_epochs": 8}
+    ),
+    "score mixing, experts read the count": from_the_paper_form(
+        {"expert_mixing": "score"} | EXPERTS_READ_THE_COUNT, {}
+    ),
     "score mixing, experts read the count, a target window of 10 below 10 actions": from_the_paper_form(
         {"expert_mixing": "score"} | EXPERTS_READ_THE_COUNT, TARGET_WINDOW
     ),
