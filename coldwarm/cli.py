@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
+from rich.table import Table
 
 from model.artifacts import (
     ArtifactError,
@@ -30,6 +31,7 @@ from model.artifacts import (
     resolve_version_dir,
 )
 from model.checkpoint import load_checkpoint, save_checkpoint
+from model.data.describe import EARLY_ACTIONS, DataSummary, describe, training_advice
 from model.data.fetch import FetchError, fetch_movielens_1m
 from model.data.loading import load_dataset
 from model.data.schema import DataFormatError, InteractionData
@@ -213,6 +215,36 @@ def data_fetch(
     except FetchError as error:
         raise fail(str(error)) from error
     console.print(f"MovieLens-1M is in {directory}; train with: coldwarm train --data {directory}")
+
+
+@data_app.command("describe")
+def data_describe(
+    data: DataOption = None,
+    users: UsersOption = None,
+    items: ItemsOption = None,
+) -> None:
+    """Sizes, history lengths and how often users' first actions share a timestamp: the last says
+    whether a target window suits the data (README "Model and training choices")."""
+    setup_logging()
+    summary = describe(load_data(make_settings(data, None), users, items))
+    console.print(data_summary_table(summary))
+    console.print(training_advice(summary))
+
+
+def data_summary_table(summary: DataSummary) -> Table:
+    table = Table(title=summary.name)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("users", f"{summary.users:,}")
+    table.add_row("items", f"{summary.items:,}")
+    table.add_row("interactions", f"{summary.interactions:,}")
+    table.add_row(
+        "actions per user (p10 / p50 / p90)",
+        " / ".join(f"{value:g}" for value in summary.history_quantiles.values()),
+    )
+    tied = f"early pairs tied in time (first {EARLY_ACTIONS} actions)"
+    table.add_row(tied, f"{summary.early_tie_share:.1%}")
+    return table
 
 
 NprocOption = Annotated[

@@ -205,6 +205,33 @@ def test_run_rejects_unknown_models_before_training(tmp_path: Path, monkeypatch:
     assert not (run_dir / "checkpoint.pt").exists()
 
 
+# ----- data describe ------------------------------------------------------------------------------------
+
+
+def test_data_describe_advises_a_target_window_only_for_tied_starts(tmp_path: Path) -> None:
+    batched = tmp_path / "batched.csv"
+    batched.write_text(
+        "user_id,item_id,timestamp\n"
+        + "".join(f"{u},{u + i},{1000 if i < 5 else 1000 + 60 * i}\n" for u in range(1, 4) for i in range(8))
+    )
+    result = invoke("data", "describe", "--data", batched)
+    assert result.exit_code == 0, result.output
+    text = unwrapped(result.output)
+    assert "57.1%" in text  # 4 of the 7 early pairs of each user tied
+    assert "COLDWARM_TRAIN__TARGET_WINDOW=10" in text
+
+    ordered = invoke("data", "describe", "--data", "synthetic:60")
+    assert ordered.exit_code == 0, ordered.output
+    assert "0.0%" in ordered.output
+    assert "keep the defaults" in unwrapped(ordered.output)
+
+
+def test_data_describe_of_a_missing_file_is_a_one_line_error(tmp_path: Path) -> None:
+    result = invoke("data", "describe", "--data", tmp_path / "absent.csv")
+    assert result.exit_code == 2
+    assert "absent.csv" in unwrapped(result.output)
+
+
 # ----- evaluate with several training seeds ------------------------------------------------------------
 
 
