@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.data.schema import InteractionData
+from model.settings import TrainConfig
 
 # Positions counted by ``early_tie_share``: the pairs among a user's first this-many actions, the
-# prefixes a target window reshapes (TrainConfig.target_window_until's default).
-EARLY_ACTIONS = 10
+# prefixes a target window reshapes by default.
+EARLY_ACTIONS: int = TrainConfig.model_fields["target_window_until"].default
 # At or above this share of tied early pairs a data set's first actions are taken to be unordered
 # batches. MovieLens (0.54) and the synthetic data (0.00) sit far on either side: the threshold only
 # has to separate them, and no data set between has been measured.
@@ -50,8 +51,8 @@ def early_tie_share(user_ids: np.ndarray, timestamps: np.ndarray, first: int = E
     share whose timestamps are equal; rows sorted by (user, timestamp). 0 when there is no such pair."""
     if len(user_ids) < 2:
         return 0.0
-    starts = np.flatnonzero(np.r_[True, user_ids[1:] != user_ids[:-1]])
-    position = np.arange(len(user_ids)) - np.repeat(starts, np.diff(np.r_[starts, len(user_ids)]))
+    starts, lengths = user_runs(user_ids)
+    position = np.arange(len(user_ids)) - np.repeat(starts, lengths)
     counted = (position >= 1) & (position < first)
     if not counted.any():
         return 0.0
@@ -59,10 +60,16 @@ def early_tie_share(user_ids: np.ndarray, timestamps: np.ndarray, first: int = E
     return float(tied[counted].mean())
 
 
+def user_runs(user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first row, rows) of each user's run in rows sorted by user."""
+    starts = np.flatnonzero(np.r_[True, user_ids[1:] != user_ids[:-1]]) if len(user_ids) else np.zeros(0, int)
+    return starts, np.diff(np.r_[starts, len(user_ids)])
+
+
 def describe(data: InteractionData) -> DataSummary:
     table = data.interactions
     user_ids = table["user_id"].to_numpy(np.int64)
-    per_user = np.unique(user_ids, return_counts=True)[1]
+    per_user = user_runs(user_ids)[1]
     quantiles = np.percentile(per_user, [10, 50, 90]) if len(per_user) else np.zeros(3)
     return DataSummary(
         name=data.name,
