@@ -7,8 +7,9 @@ A probe is not a choice: choices take three validation seeds of the whole recipe
 why one is not (a term that pulls the scale down, a curve that falls at h = 1..3).
 
 Run: COLDWARM_MODEL__STAGE_POPULARITY=true python bench/model_probe.py --label "stage popularity"
-The configuration is the settings' (COLDWARM_* variables); writes bench/results/model_probe.json
-(one entry per label, kept across runs) and prints the entry.
+The configuration is the settings' (COLDWARM_* variables) as given: COLDWARM_RECIPE is not applied, so
+the probes compare field against field (set the recipe's fields to probe with them); writes
+bench/results/model_probe.json (one entry per label, kept across runs) and prints the entry.
 """
 
 from __future__ import annotations

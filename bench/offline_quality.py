@@ -19,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from coldwarm.cli import build_context, setup_logging
+from coldwarm.cli import build_context, settings_for, setup_logging
 from model.data.movielens import load_movielens
 from model.evaluation.report import markdown_table, seeds_section, write_report
 from model.evaluation.run_store import RunStore
@@ -83,6 +83,7 @@ def main() -> None:
     set_torch_threads(settings.train)
     models = check_model_names(list(ALL_MODELS) if args.models == "all" else args.models.split(","))
     data = load_movielens(args.data_dir)
+    settings, recipe = settings_for(data, settings)
     context = build_context(data, settings)
     reuse = RunReuse(
         RunStore(args.runs_dir or settings.cache_dir / "runs"),
@@ -94,6 +95,7 @@ def main() -> None:
     wall = round(time.perf_counter() - started, 1)
     details = {
         **outcome.details,
+        "recipe": recipe.to_record(),
         "wall_seconds": wall,
         "settings": settings.model_dump(mode="json"),
         "training": {

@@ -41,6 +41,7 @@ from model.evaluation.report import markdown_table, write_report
 from model.experiments import ALL_MODELS, PRIMARY_MODEL, ExperimentOutcome, check_model_names, run_experiments
 from model.export import compile_devices, export_model
 from model.features import FeatureEncoder
+from model.recipe import RecipeChoice, settings_for_data
 from model.settings import Settings
 from model.train import (
     TrainedModel,
@@ -157,6 +158,13 @@ def log_loaded(data: InteractionData) -> None:
         len(data.users),
         len(data.catalog_item_ids()),
     )
+
+
+def settings_for(data: InteractionData, settings: Settings) -> tuple[Settings, RecipeChoice]:
+    """``settings`` with the training recipe resolved on ``data`` (model/recipe.py), logged."""
+    resolved, choice = settings_for_data(settings, data)
+    log.info("%s", choice.describe())
+    return resolved, choice
 
 
 def build_context(data: InteractionData, settings: Settings) -> TrainingContext:
@@ -299,7 +307,9 @@ def train(
                 backend_for(device),
                 settings.train.batch_size // layout.world_size,
             )
-        trained = train_primary(build_context(load_data(settings, users, items), settings), settings)
+        loaded = load_data(settings, users, items)
+        settings, _ = settings_for(loaded, settings)
+        trained = train_primary(build_context(loaded, settings), settings)
         if layout.is_main:
             log.info("checkpoint: %s", save_checkpoint(trained, run_dir / CHECKPOINT_FILE))
 
@@ -363,11 +373,13 @@ def evaluate(
     started = time.perf_counter()
     settings = make_settings(data, epochs)
     loaded = load_data(settings, users, items)
+    settings, recipe = settings_for(loaded, settings)
     context = build_context(loaded, settings)
     trained = {}
     if (run_dir / CHECKPOINT_FILE).exists():
         trained[PRIMARY_MODEL] = load_checkpoint(run_dir / CHECKPOINT_FILE)
     outcome = run_experiments(context, settings, parse_models(models), trained=trained, seeds=seeds)
+    outcome.details["recipe"] = recipe.to_record()
     write_evaluation(outcome, loaded, run_dir / "report", time.perf_counter() - started)
 
 
@@ -434,10 +446,12 @@ def run(
     settings = make_settings(data, epochs, artifacts_dir)
     model_names = parse_models(models)  # before hours of training, not after
     loaded = load_data(settings, users, items)
+    settings, recipe = settings_for(loaded, settings)
     context = build_context(loaded, settings)
     trained = train_primary(context, settings)
     save_checkpoint(trained, run_dir / CHECKPOINT_FILE)
     outcome = run_experiments(context, settings, model_names, trained={PRIMARY_MODEL: trained})
+    outcome.details["recipe"] = recipe.to_record()
     write_evaluation(outcome, loaded, run_dir / "report", time.perf_counter() - started)
     metrics = outcome.results[PRIMARY_MODEL].to_dict() if PRIMARY_MODEL in outcome.results else {}
     directory = export_trained(trained, settings, loaded, metrics, DataSource.of(settings.data, users, items))

@@ -251,6 +251,17 @@ class DistributedConfig(BaseModel):
     )
 
 
+RecipeName = Literal["auto", "next_action", "batched_starts"]
+# What the batched_starts recipe sets, each field only where the settings leave it unset: the count in
+# the experts and a window of ten targets for the first ten actions' prefixes, which measured better
+# on data whose first actions come in same-second batches (README "The count in the experts, with a
+# target window"). next_action sets nothing: the fields' own defaults.
+BATCHED_STARTS_RECIPE: dict[str, dict[str, object]] = {
+    "model": {"expert_state_input": True, "expert_state_columns": "count"},
+    "train": {"target_window": 10},
+}
+
+
 class Settings(BaseSettings):
     """Root of the offline job's configuration."""
 
@@ -268,3 +279,9 @@ class Settings(BaseSettings):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     distributed: DistributedConfig = DistributedConfig()
+    recipe: RecipeName = Field(
+        "auto",
+        description="auto: batched_starts where the train users' first actions come in same-second "
+        "batches (model/recipe.py), else next_action; next_action: the fields' defaults, each prefix "
+        "trained towards its next action; batched_starts: BATCHED_STARTS_RECIPE for the fields left unset",
+    )

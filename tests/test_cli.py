@@ -208,7 +208,7 @@ def test_run_rejects_unknown_models_before_training(tmp_path: Path, monkeypatch:
 # ----- data describe ------------------------------------------------------------------------------------
 
 
-def test_data_describe_advises_a_target_window_only_for_tied_starts(tmp_path: Path) -> None:
+def test_data_describe_names_the_batched_starts_recipe_only_for_tied_starts(tmp_path: Path) -> None:
     batched = tmp_path / "batched.csv"
     batched.write_text(
         "user_id,item_id,timestamp\n"
@@ -218,12 +218,13 @@ def test_data_describe_advises_a_target_window_only_for_tied_starts(tmp_path: Pa
     assert result.exit_code == 0, result.output
     text = unwrapped(result.output)
     assert "57.1%" in text  # 4 of the 7 early pairs of each user tied
-    assert "COLDWARM_TRAIN__TARGET_WINDOW=10" in text
+    assert "batched_starts recipe" in text and "COLDWARM_TRAIN__TARGET_WINDOW=10" in text
 
     ordered = invoke("data", "describe", "--data", "synthetic:60")
     assert ordered.exit_code == 0, ordered.output
     assert "0.0%" in ordered.output
-    assert "keep the defaults" in unwrapped(ordered.output)
+    assert "next_action recipe" in unwrapped(ordered.output)
+    assert "TARGET_WINDOW" not in unwrapped(ordered.output)
 
 
 def test_data_describe_of_a_missing_file_is_a_one_line_error(tmp_path: Path) -> None:
@@ -352,6 +353,13 @@ def test_run_writes_the_report(job: RunOutput) -> None:
         for metrics in result["groups"].values():
             assert 0.0 <= metrics["recall@50"] <= 1.0 and 0.0 <= metrics["ndcg@50"] <= 1.0
     assert report["results"]["cold_warm_net"]["points"] == report["results"]["most_popular"]["points"]
+    # COLDWARM_RECIPE=auto found the synthetic users' first actions ordered in time, and set nothing.
+    assert report["extra"]["recipe"] == {
+        "asked": "auto",
+        "chosen": "next_action",
+        "early_tie_share": 0.0,
+        "applied": {},
+    }
     for png in ("cold_start_curve.png", "group_bars.png"):
         content = (report_dir / png).read_bytes()
         assert content.startswith(PNG_MAGIC) and len(content) > 1000, png

@@ -1,8 +1,8 @@
 """What a data set holds, for choosing how to train on it: its sizes, its history lengths, and how
 often a user's first actions share a timestamp.
 
-The last decides the target window (``COLDWARM_TRAIN__TARGET_WINDOW``). Where the first actions come
-in batches rated in one second (MovieLens's sign-up pages: 54% of consecutive pairs among a user's
+The last decides the training recipe (``COLDWARM_RECIPE``, ``model/recipe.py``). Where the first actions
+come in batches rated in one second (MovieLens's sign-up pages: 54% of consecutive pairs among a user's
 first ten tie), their order is the protocol's tie-break by item id, "the next action" is an arbitrary
 pick from the batch, and training a short prefix towards its next ten actions measured better on
 validation users. Where they never tie (the synthetic data) the next action is the better target.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.data.schema import InteractionData
-from model.settings import TrainConfig
+from model.settings import BATCHED_STARTS_RECIPE, TrainConfig
 
 # Positions counted by ``early_tie_share``: the pairs among a user's first this-many actions, the
 # prefixes a target window reshapes by default.
@@ -24,11 +24,23 @@ EARLY_ACTIONS: int = TrainConfig.model_fields["target_window_until"].default
 # batches. MovieLens (0.54) and the synthetic data (0.00) sit far on either side: the threshold only
 # has to separate them, and no data set between has been measured.
 BATCHED_START_SHARE = 0.25
-# The window and the expert input that measured better on such data (MovieLens validation, 3 seeds).
-BATCHED_START_SETTINGS = (
-    "COLDWARM_TRAIN__TARGET_WINDOW=10 COLDWARM_MODEL__EXPERT_STATE_INPUT=true "
-    "COLDWARM_MODEL__EXPERT_STATE_COLUMNS=count"
-)
+
+
+def recipe_environment(recipe: dict[str, dict[str, object]]) -> str:
+    """A recipe's fields as the environment variables that set them: COLDWARM_TRAIN__TARGET_WINDOW=10 ..."""
+    return " ".join(
+        f"COLDWARM_{section.upper()}__{field.upper()}={_environment_value(value)}"
+        for section, fields in recipe.items()
+        for field, value in fields.items()
+    )
+
+
+def _environment_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# What COLDWARM_RECIPE=batched_starts sets (model/recipe.py), as environment variables.
+BATCHED_START_SETTINGS = recipe_environment(BATCHED_STARTS_RECIPE)
 
 
 @dataclass(frozen=True)
@@ -89,9 +101,12 @@ def training_advice(summary: DataSummary) -> str:
     if summary.batched_start:
         return (
             f"first actions come in unordered batches ({share}, at least {BATCHED_START_SHARE:.0%}): "
-            f"train with {BATCHED_START_SETTINGS}, which measured better on such data (MovieLens)"
+            f"the batched_starts recipe, {BATCHED_START_SETTINGS}, measured better on such data "
+            "(MovieLens); COLDWARM_RECIPE=auto, the default, chooses it when the train users' share is "
+            "as high"
         )
     return (
-        f"first actions are ordered in time ({share}, under {BATCHED_START_SHARE:.0%}): keep the "
-        "defaults, the next action as each prefix's target"
+        f"first actions are ordered in time ({share}, under {BATCHED_START_SHARE:.0%}): the next_action "
+        "recipe, each prefix's next action as its target; COLDWARM_RECIPE=auto, the default, chooses it "
+        "when the train users' share is as low"
     )
