@@ -603,14 +603,21 @@ def serve_workers(host: str, port: int, workers: int, data: str | None) -> None:
 
     from service.settings import ServiceSettings
 
-    if not ServiceSettings().redis_url:
+    service_settings = ServiceSettings()
+    if not service_settings.redis_url:
         # Each process would hold its own in-process store: events sent to one worker would be
         # invisible to the others.
         raise fail("--workers > 1 needs a shared feature store: set COLDWARM_REDIS_URL")
     if data:
         raise fail("--data preloads the in-process store; with --workers > 1 load Redis with load-features")
     uvicorn.run(
-        "service.app:app_factory", factory=True, host=host, port=port, workers=workers, log_level="info"
+        "service.app:app_factory",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        access_log=service_settings.access_log,
     )
 
 
@@ -629,7 +636,13 @@ def serve_app(host: str, port: int, data: str | None, preloaded: InteractionData
         store = MemoryFeatureStore(cap=settings.features.max_history)
         load_memory_store(store, preloaded if preloaded is not None else load_data(settings, None, None))
         log.info("in-process feature store preloaded with %d users", len(store))
-    uvicorn.run(create_app(service_settings, store=store), host=host, port=port, log_level="info")
+    uvicorn.run(
+        create_app(service_settings, store=store),
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=service_settings.access_log,
+    )
 
 
 if __name__ == "__main__":

@@ -62,6 +62,12 @@ class ServiceSettings(BaseSettings):
     )
     key_prefix: str = "coldwarm"
     key_schema_version: int = 1
+    access_log: bool = Field(
+        True,
+        description="uvicorn's access log, one line per request on stderr; off where a load balancer or "
+        "the /metrics counters already account for the requests, and its cost on the event loop is not "
+        "wanted (`coldwarm serve`)",
+    )
     torch_threads: int = Field(1, ge=1, description="intra-op threads of the user tower")
     faiss_threads: int = Field(1, ge=1, description="OpenMP threads of one search; more hurts latency")
     # SecretStr: the token never appears in a repr, a log line or a traceback of the settings.

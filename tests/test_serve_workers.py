@@ -1,6 +1,7 @@
 """``coldwarm serve --workers 2`` as an operator runs it: two worker processes behind one port, over
 the real Redis and the test artifacts. Both answer; a write through one is read through the other (the
-store is shared); each maps the index file instead of copying it; without Redis it refuses to start."""
+store is shared); each maps the index file instead of copying it; without Redis it refuses to start.
+One process's access log, which COLDWARM_ACCESS_LOG switches off."""
 
 from __future__ import annotations
 
@@ -139,3 +140,41 @@ def test_more_than_one_worker_needs_redis(serving_artifacts: ServingArtifacts, k
     )
     assert result.returncode == 2
     assert "COLDWARM_REDIS_URL" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+def test_the_access_log_is_a_setting(
+    access_log: bool,
+    serving_artifacts: ServingArtifacts,
+    redis_client: redis.Redis,
+    key_prefix: str,
+    tmp_path: Path,
+) -> None:
+    """COLDWARM_ACCESS_LOG=false keeps uvicorn's per-request lines out of the log, and only them."""
+    load_users(redis_client, key_prefix, serving_artifacts)
+    port = free_port()
+    env = serving_env(serving_artifacts, key_prefix, REDIS_URL) | {"COLDWARM_ACCESS_LOG": str(access_log)}
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [*coldwarm_command(), "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + STARTUP_S
+            while not all_ready(url):
+                assert process.poll() is None, log_path.read_text()[-5000:]
+                assert time.monotonic() < deadline, "the server did not become ready"
+                time.sleep(0.25)
+            assert httpx.post(f"{url}/recommend", json={"user_id": 1, "k": 3}, timeout=30).status_code == 200
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=30)
+    text = log_path.read_text()
+    assert "Uvicorn running on" in text  # the server's own lines are logged either way
+    assert ('"POST /recommend HTTP/1.1" 200' in text) == access_log
+    assert ('"GET /readyz HTTP/1.1" 200' in text) == access_log
