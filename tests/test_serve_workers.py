@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -62,37 +63,46 @@ def serving_env(artifacts: ServingArtifacts, key_prefix: str, redis_url: str | N
     return env
 
 
+@contextmanager
+def serving(
+    arguments: list[str], env: dict[str, str], log_path: Path, workers: int = 1
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``coldwarm serve ARGUMENTS`` on a free port, its output in ``log_path``, until every worker is
+    ready; (the process, its URL). Stopped with SIGINT, as an operator's Ctrl-C does."""
+    port = free_port()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [*coldwarm_command(), "serve", "--port", str(port), *arguments],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + STARTUP_S
+            while (workers > 1 and len(children(process.pid)) < workers) or not all_ready(url):
+                assert process.poll() is None, log_path.read_text()[-5000:]
+                assert time.monotonic() < deadline, "coldwarm serve did not become ready"
+                time.sleep(0.25)
+            yield process, url
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
+
+
 @pytest.fixture()
 def workers(
     serving_artifacts: ServingArtifacts, redis_client: redis.Redis, key_prefix: str, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     load_users(redis_client, key_prefix, serving_artifacts)
-    port = free_port()
-    log = (tmp_path / "serve.log").open("w")
-    command = [*coldwarm_command(), "serve", "--port", str(port), "--workers", str(WORKERS)]
-    process = subprocess.Popen(
-        command,
-        env=serving_env(serving_artifacts, key_prefix, REDIS_URL),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while len(children(process.pid)) < WORKERS or not all_ready(url):
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-5000:]
-            assert time.monotonic() < deadline, "the workers did not become ready"
-            time.sleep(0.25)
-        yield process, url
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
-        log.close()
+    env = serving_env(serving_artifacts, key_prefix, REDIS_URL)
+    with serving(["--workers", str(WORKERS)], env, tmp_path / "serve.log", WORKERS) as running:
+        yield running
 
 
 def all_ready(url: str) -> bool:
@@ -152,28 +162,10 @@ def test_the_access_log_is_a_setting(
 ) -> None:
     """COLDWARM_ACCESS_LOG=false keeps uvicorn's per-request lines out of the log, and only them."""
     load_users(redis_client, key_prefix, serving_artifacts)
-    port = free_port()
     env = serving_env(serving_artifacts, key_prefix, REDIS_URL) | {"COLDWARM_ACCESS_LOG": str(access_log)}
     log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [*coldwarm_command(), "serve", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + STARTUP_S
-            while not all_ready(url):
-                assert process.poll() is None, log_path.read_text()[-5000:]
-                assert time.monotonic() < deadline, "the server did not become ready"
-                time.sleep(0.25)
-            assert httpx.post(f"{url}/recommend", json={"user_id": 1, "k": 3}, timeout=30).status_code == 200
-        finally:
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=30)
+    with serving([], env, log_path) as (_, url):
+        assert httpx.post(f"{url}/recommend", json={"user_id": 1, "k": 3}, timeout=30).status_code == 200
     text = log_path.read_text()
     assert "Uvicorn running on" in text  # the server's own lines are logged either way
     assert ('"POST /recommend HTTP/1.1" 200' in text) == access_log
