@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from model.data.describe import BATCHED_START_SHARE, EARLY_ACTIONS, early_tie_share
+from model.data.describe import BATCHED_START_SHARE, EARLY_ACTIONS, early_tie_share, is_batched_start
 from model.data.schema import InteractionData
 from model.data.split import split_users
 from model.settings import BATCHED_STARTS_RECIPE, Settings
@@ -65,11 +65,11 @@ def train_tie_share(data: InteractionData) -> float:
 
 def choose_recipe(settings: Settings, data: InteractionData) -> RecipeChoice:
     """The recipe ``settings.recipe`` comes to on ``data``, and the fields it sets there."""
-    share = train_tie_share(data) if settings.recipe == "auto" else None
+    share: float | None = None
+    chosen: str = settings.recipe
     if settings.recipe == "auto":
-        chosen = "batched_starts" if share is not None and share >= BATCHED_START_SHARE else "next_action"
-    else:
-        chosen = settings.recipe
+        share = train_tie_share(data)
+        chosen = "batched_starts" if is_batched_start(share) else "next_action"
     applied: dict[str, Any] = {}
     if chosen == "batched_starts":
         for section, fields in BATCHED_STARTS_RECIPE.items():

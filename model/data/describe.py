@@ -55,7 +55,13 @@ class DataSummary:
     @property
     def batched_start(self) -> bool:
         """Whether users' first actions come in unordered batches (the case for a target window)."""
-        return self.early_tie_share >= BATCHED_START_SHARE
+        return is_batched_start(self.early_tie_share)
+
+
+def is_batched_start(share: float) -> bool:
+    """Whether an ``early_tie_share`` says first actions come in unordered batches: the one threshold
+    ``describe`` reports and ``COLDWARM_RECIPE=auto`` (model/recipe.py) decides by."""
+    return share >= BATCHED_START_SHARE
 
 
 def early_tie_share(user_ids: np.ndarray, timestamps: np.ndarray, first: int = EARLY_ACTIONS) -> float:
